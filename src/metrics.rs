@@ -1,0 +1,93 @@
+//! Prometheus metrics, registered in the default registry (which the admin listener serves).
+//!
+//! Every limit, drop and failure has a counter here.
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge_vec, HistogramVec,
+    IntCounterVec, IntGaugeVec,
+};
+
+/// `postback_requests_total{route,outcome}`: postback requests by route template and outcome
+/// (`accepted`, `preflight`, `bad_request`, `forbidden`, `payload_too_large`, `uri_too_long`, ...).
+pub static POSTBACK_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "postback_requests_total",
+        "Postback requests by route and outcome",
+        &["route", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+/// `postback_records_total{sink,result}`: records by sink and what became of them
+/// (`accepted`, `delivered`, `dropped`, `rejected`, `lost`).
+pub static RECORDS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "postback_records_total",
+        "Records by sink and result",
+        &["sink", "result"]
+    )
+    .expect("metric registers once")
+});
+
+/// `delivery_queue_records{sink}`: records accepted and not yet delivered.
+pub static QUEUE_RECORDS: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "delivery_queue_records",
+        "Records waiting for their sink",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sink_errors_total{sink}`: failed sink writes (each is retried).
+pub static SINK_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "sink_errors_total",
+        "Failed batch writes to a sink; each is retried",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
+/// `sink_batch_records{sink}`: records per batch handed to a sink.
+pub static BATCH_RECORDS: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "sink_batch_records",
+        "Records per batch written to a sink",
+        &["sink"],
+        vec![1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0]
+    )
+    .expect("metric registers once")
+});
+
+/// `upstream_responses_total{status}`: answers to proxied requests, by status.
+pub static UPSTREAM_RESPONSES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "upstream_responses_total",
+        "Responses to proxied requests by status",
+        &["status"]
+    )
+    .expect("metric registers once")
+});
+
+/// `request_duration_seconds{kind}`: time from request to answer, `postback` or `upstream`.
+pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
+    register_histogram_vec!(
+        "request_duration_seconds",
+        "Time to answer a request, by kind (postback, upstream)",
+        &["kind"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]
+    )
+    .expect("metric registers once")
+});
+
+/// Renders every registered metric in the Prometheus text format.
+pub fn render() -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    // Encoding into a Vec only fails for metric families without metrics, which we never register.
+    let _ = encoder.encode(&prometheus::gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}

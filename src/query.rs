@@ -1,0 +1,103 @@
+//! Decoding `application/x-www-form-urlencoded` text: query strings and form bodies.
+
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode;
+
+/// A query string that is not valid UTF-8 once decoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct QueryError(pub String);
+
+/// Splits `input` on `&`, each piece on its first `=`, and decodes both halves: `+` is a space,
+/// `%XX` a byte, and the result must be UTF-8. Empty pieces (`a=1&&b=2`) are skipped; a piece
+/// without `=` is a name with an empty value. Runs once per postback, on the query and on a form
+/// body. The error names the parameter (never its value, which may be a write key).
+pub fn parse_pairs(input: &[u8]) -> Result<Vec<(String, String)>, QueryError> {
+    let mut pairs = Vec::new();
+    for piece in input.split(|&b| b == b'&') {
+        if piece.is_empty() {
+            continue;
+        }
+        let (name, value) = match piece.iter().position(|&b| b == b'=') {
+            Some(i) => (&piece[..i], &piece[i + 1..]),
+            None => (piece, &b""[..]),
+        };
+        let name =
+            decode(name).map_err(|_| QueryError("a parameter name is not valid UTF-8".into()))?;
+        let value = decode(value).map_err(|_| {
+            QueryError(format!(
+                "the value of parameter `{}` is not valid UTF-8",
+                name.escape_default()
+            ))
+        })?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
+/// Decodes one name or value.
+fn decode(raw: &[u8]) -> Result<String, std::string::FromUtf8Error> {
+    let plus_free: Cow<[u8]> = if raw.contains(&b'+') {
+        Cow::Owned(
+            raw.iter()
+                .map(|&b| if b == b'+' { b' ' } else { b })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(raw)
+    };
+    let bytes: Vec<u8> = percent_decode(&plus_free).collect();
+    String::from_utf8(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(s: &str) -> Vec<(String, String)> {
+        parse_pairs(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn decodes_plus_and_percent() {
+        assert_eq!(
+            pairs("page=%2Fhome&q=a+b%2Bc&e=%E2%82%AC"),
+            vec![
+                ("page".into(), "/home".into()),
+                ("q".into(), "a b+c".into()),
+                ("e".into(), "€".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn odd_shapes() {
+        assert_eq!(
+            pairs("&&a&b=&=v&c=x=y"),
+            vec![
+                ("a".into(), "".into()),
+                ("b".into(), "".into()),
+                ("".into(), "v".into()),
+                ("c".into(), "x=y".into())
+            ]
+        );
+        assert_eq!(pairs(""), vec![]);
+        // A lone or broken escape is kept as written, as browsers do.
+        assert_eq!(
+            pairs("a=100%&b=%zz"),
+            vec![("a".into(), "100%".into()), ("b".into(), "%zz".into())]
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error_that_does_not_echo_the_value() {
+        let err = parse_pairs(b"td_write_key=%FFsecret").unwrap_err();
+        assert_eq!(
+            err.0,
+            "the value of parameter `td_write_key` is not valid UTF-8"
+        );
+        assert!(parse_pairs(b"%C3%28=1").is_err());
+        assert!(parse_pairs(b"a=\xff").is_err());
+    }
+}

@@ -1,0 +1,346 @@
+//! Postback routes: path templates such as `/postback/v3/event/{database}/{table}`, tried in order.
+
+use crate::config::{Format, Problem, RouteConfig};
+
+/// Index of a sink in [`crate::delivery::Delivery`], resolved from the sink's name at start-up.
+pub type SinkId = usize;
+
+/// `true` for a valid database or table name: ASCII letters, digits and `_`, 1 to 255 bytes.
+pub fn valid_name(name: &str) -> bool {
+    (1..=255).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Var {
+    Database,
+    Table,
+}
+
+#[derive(Debug)]
+enum Segment {
+    Literal(String),
+    Capture {
+        prefix: String,
+        var: Var,
+        suffix: String,
+    },
+}
+
+/// A postback route, compiled from one entry of `routes:`.
+#[derive(Debug)]
+pub struct Route {
+    /// The template as written; the `route` label of the metrics.
+    pub template: String,
+    segments: Vec<Segment>,
+    database: Option<String>,
+    table: Option<String>,
+    /// The answer when the request has no `td_format`.
+    pub default_format: Format,
+    /// Where the route's records go.
+    pub sink: SinkId,
+}
+
+/// What [`Router::find`] found for a path.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RouteMatch<'r> {
+    /// The path has the shape of a route and valid names.
+    Postback {
+        route: &'r Route,
+        database: String,
+        table: String,
+    },
+    /// The path has the shape of a route but a name that is not allowed: answer 400.
+    BadName { route: &'r Route, message: String },
+}
+
+impl PartialEq for Route {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+impl Eq for Route {}
+
+impl Route {
+    /// Compiles `cfg`; `sink` is the already resolved sink. Problems are reported against `field`.
+    pub fn compile(cfg: &RouteConfig, sink: SinkId, field: &str) -> Result<Route, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut segments = Vec::new();
+        let mut seen = Vec::new();
+        match cfg.path.strip_prefix('/') {
+            None => problems.push(Problem::new(format!("{field}.path"), "must start with `/`")),
+            Some(rest) => {
+                for raw in rest.split('/') {
+                    match parse_segment(raw) {
+                        Ok(segment) => {
+                            if let Segment::Capture { var, .. } = &segment {
+                                if seen.contains(var) {
+                                    problems.push(Problem::new(
+                                        format!("{field}.path"),
+                                        format!("`{raw}` repeats a placeholder"),
+                                    ));
+                                }
+                                seen.push(*var);
+                            }
+                            segments.push(segment);
+                        }
+                        Err(message) => {
+                            problems.push(Problem::new(format!("{field}.path"), message))
+                        }
+                    }
+                }
+            }
+        }
+        for (var, name, fixed) in [
+            (Var::Database, "database", &cfg.database),
+            (Var::Table, "table", &cfg.table),
+        ] {
+            match (seen.contains(&var), fixed) {
+                (true, Some(_)) => problems.push(Problem::new(
+                    format!("{field}.{name}"),
+                    format!("the path already has `{{{name}}}`"),
+                )),
+                (false, None) => problems.push(Problem::new(
+                    format!("{field}.path"),
+                    format!("has no `{{{name}}}` and the route sets no `{name}`"),
+                )),
+                (false, Some(n)) if !valid_name(n) => problems.push(Problem::new(
+                    format!("{field}.{name}"),
+                    "only ASCII letters, digits and `_`, 1 to 255 bytes",
+                )),
+                _ => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Route {
+            template: cfg.path.clone(),
+            segments,
+            database: cfg.database.clone(),
+            table: cfg.table.clone(),
+            default_format: cfg.default_format,
+            sink,
+        })
+    }
+
+    /// Matches `path` (without the query): `None` when the shape differs.
+    fn matches(&self, path: &str) -> Option<RouteMatch<'_>> {
+        let rest = path.strip_prefix('/')?;
+        let mut database = self.database.as_deref();
+        let mut table = self.table.as_deref();
+        let mut parts = rest.split('/');
+        for segment in &self.segments {
+            let part = parts.next()?;
+            match segment {
+                Segment::Literal(lit) => {
+                    if part != lit {
+                        return None;
+                    }
+                }
+                Segment::Capture {
+                    prefix,
+                    var,
+                    suffix,
+                } => {
+                    if part.len() < prefix.len() + suffix.len() {
+                        return None;
+                    }
+                    let name = part
+                        .strip_prefix(prefix.as_str())?
+                        .strip_suffix(suffix.as_str())?;
+                    match var {
+                        Var::Database => database = Some(name),
+                        Var::Table => table = Some(name),
+                    }
+                }
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        // Both are set: compile() guarantees a placeholder or a fixed name for each.
+        let (database, table) = (database.unwrap_or_default(), table.unwrap_or_default());
+        for (what, name) in [("database", database), ("table", table)] {
+            if !valid_name(name) {
+                return Some(RouteMatch::BadName {
+                    route: self,
+                    message: format!(
+                        "{what} name must be 1 to 255 ASCII letters, digits or underscores"
+                    ),
+                });
+            }
+        }
+        Some(RouteMatch::Postback {
+            route: self,
+            database: database.to_owned(),
+            table: table.to_owned(),
+        })
+    }
+}
+
+fn parse_segment(raw: &str) -> Result<Segment, String> {
+    let Some(open) = raw.find('{') else {
+        if raw.contains('}') {
+            return Err(format!("unbalanced `}}` in `{raw}`"));
+        }
+        return Ok(Segment::Literal(raw.to_owned()));
+    };
+    let close = raw[open..]
+        .find('}')
+        .map(|i| i + open)
+        .ok_or_else(|| format!("unbalanced `{{` in `{raw}`"))?;
+    let (prefix, suffix) = (&raw[..open], &raw[close + 1..]);
+    if suffix.contains(['{', '}']) || prefix.contains('}') {
+        return Err(format!("at most one placeholder per segment: `{raw}`"));
+    }
+    let var = match &raw[open + 1..close] {
+        "database" => Var::Database,
+        "table" => Var::Table,
+        other => {
+            return Err(format!(
+                "unknown placeholder `{{{other}}}`: only `{{database}}` and `{{table}}`"
+            ))
+        }
+    };
+    Ok(Segment::Capture {
+        prefix: prefix.to_owned(),
+        var,
+        suffix: suffix.to_owned(),
+    })
+}
+
+/// The compiled `routes:`, tried in order.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// A router over `routes`, tried in the given order.
+    pub fn new(routes: Vec<Route>) -> Self {
+        Router { routes }
+    }
+
+    /// Runs for every request: the first route whose shape matches `path`, or `None` to proxy it.
+    pub fn find(&self, path: &str) -> Option<RouteMatch<'_>> {
+        self.routes.iter().find_map(|r| r.matches(path))
+    }
+
+    /// The routes, in order.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: &str, database: Option<&str>) -> Route {
+        let cfg = RouteConfig {
+            path: path.into(),
+            database: database.map(Into::into),
+            table: None,
+            default_format: Format::Json,
+            sink: "main".into(),
+        };
+        Route::compile(&cfg, 0, "routes[0]").unwrap()
+    }
+
+    fn found(router: &Router, path: &str) -> Option<(String, String, String)> {
+        match router.find(path)? {
+            RouteMatch::Postback {
+                route,
+                database,
+                table,
+            } => Some((route.template.clone(), database, table)),
+            RouteMatch::BadName { message, .. } => Some(("400".into(), message, String::new())),
+        }
+    }
+
+    #[test]
+    fn treasure_data_route() {
+        let r = Router::new(vec![route("/postback/v3/event/{database}/{table}", None)]);
+        let (_, db, table) = found(&r, "/postback/v3/event/web/pageviews").unwrap();
+        assert_eq!((db.as_str(), table.as_str()), ("web", "pageviews"));
+        assert_eq!(found(&r, "/postback/v3/event/a"), None);
+        assert_eq!(found(&r, "/postback/v3/event/a/b/c"), None);
+        assert_eq!(found(&r, "/postback/v3/event/a/b/"), None);
+        assert_eq!(found(&r, "/postback/v3/events/a/b"), None);
+        assert_eq!(found(&r, "/"), None);
+        assert_eq!(found(&r, ""), None);
+        assert_eq!(found(&r, "/postback/v3/event/we-b/t").unwrap().0, "400");
+        assert_eq!(found(&r, "/postback/v3/event//t").unwrap().0, "400");
+        assert_eq!(found(&r, "/postback/v3/event/w%20b/t").unwrap().0, "400");
+        let long = format!("/postback/v3/event/{}/t", "a".repeat(256));
+        assert_eq!(found(&r, &long).unwrap().0, "400");
+        let ok = format!("/postback/v3/event/{}/t", "a".repeat(255));
+        assert_eq!(found(&r, &ok).unwrap().1.len(), 255);
+    }
+
+    #[test]
+    fn fixed_database_and_suffix() {
+        let r = Router::new(vec![
+            route("/px/{table}.gif", Some("web")),
+            route("/td/{database}/{table}", None),
+        ]);
+        let (t, db, table) = found(&r, "/px/clicks.gif").unwrap();
+        assert_eq!(
+            (t.as_str(), db.as_str(), table.as_str()),
+            ("/px/{table}.gif", "web", "clicks")
+        );
+        assert_eq!(found(&r, "/px/clicks.png"), None);
+        assert_eq!(found(&r, "/px/.gif").unwrap().0, "400");
+        assert_eq!(found(&r, "/td/a/b").unwrap().0, "/td/{database}/{table}");
+    }
+
+    #[test]
+    fn first_matching_route_wins() {
+        let r = Router::new(vec![
+            route("/e/{table}", Some("one")),
+            route("/e/{table}", Some("two")),
+        ]);
+        assert_eq!(found(&r, "/e/t").unwrap().1, "one");
+    }
+
+    #[test]
+    fn bad_templates_name_the_field() {
+        let bad = |path: &str, db: Option<&str>| {
+            let cfg = RouteConfig {
+                path: path.into(),
+                database: db.map(Into::into),
+                table: None,
+                default_format: Format::Json,
+                sink: "main".into(),
+            };
+            Route::compile(&cfg, 0, "routes[2]").unwrap_err()
+        };
+        assert_eq!(bad("px/{table}", Some("w"))[0].field, "routes[2].path");
+        assert!(bad("/px/{table}", None)[0].message.contains("{database}"));
+        assert!(bad("/px/{tabel}/{database}", None)[0]
+            .message
+            .contains("unknown placeholder"));
+        assert!(bad("/px/{table}{database}", None)[0]
+            .message
+            .contains("one placeholder"));
+        assert!(bad("/{table}/{table}/{database}", None)[0]
+            .message
+            .contains("repeats"));
+        assert_eq!(
+            bad("/{database}/{table}", Some("w"))[0].field,
+            "routes[2].database"
+        );
+        assert_eq!(
+            bad("/x/{table}", Some("no-dash"))[0].field,
+            "routes[2].database"
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web_2024"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a.b"));
+        assert!(!valid_name("é"));
+    }
+}

@@ -1,0 +1,61 @@
+//! Log sinks: where delivered records end up.
+//!
+//! A sink takes whole batches. It is called from the delivery writer only, one batch at a time,
+//! and knows nothing about HTTP or buffering: it writes, and says whether the batch is delivered.
+
+mod file;
+mod stdout;
+
+use async_trait::async_trait;
+
+pub use file::FileSink;
+pub use stdout::StdoutSink;
+
+use crate::config::{Problem, SinkConfig};
+use crate::record::Record;
+
+/// A record in a batch that the sink refused for good (it will never take it), with the reason.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Index in the batch.
+    pub index: usize,
+    pub reason: String,
+}
+
+/// A batch write that did not go through; the whole batch is tried again later.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// A destination for records.
+#[async_trait]
+pub trait LogSink: Send + Sync {
+    /// Writes `batch`. `Ok` means delivered: every record is with the sink except those listed
+    /// as rejected for good. `Err` means nothing can be assumed delivered; the caller retries the
+    /// whole batch with backoff (delivery is at least once).
+    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError>;
+
+    /// Runs once at shutdown, after the last batch: flush and close.
+    async fn close(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Checks the configuration of sink `name` without touching anything; `--check` and start-up.
+pub fn validate(name: &str, cfg: &SinkConfig) -> Vec<Problem> {
+    let field = format!("sinks.{name}");
+    match cfg {
+        SinkConfig::File(f) => FileSink::validate(f, &field),
+        SinkConfig::Stdout => Vec::new(),
+    }
+}
+
+/// Opens the sink `name` (a validated configuration); runs once at start-up.
+pub fn open(name: &str, cfg: &SinkConfig) -> Result<Box<dyn LogSink>, Problem> {
+    match cfg {
+        SinkConfig::File(f) => FileSink::open(f)
+            .map(|s| Box::new(s) as Box<dyn LogSink>)
+            .map_err(|e| Problem::new(format!("sinks.{name}.path"), e.to_string())),
+        SinkConfig::Stdout => Ok(Box::new(StdoutSink::new())),
+    }
+}

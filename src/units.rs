@@ -1,0 +1,143 @@
+//! Human-written durations (`250ms`, `5s`, `7d`) and sizes (`64KiB`, `16MiB`) for the configuration file.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// A duration written as `250ms`, `5s`, `10m`, `7d` (anything `humantime` reads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// A duration of `secs` seconds.
+    pub const fn secs(secs: u64) -> Self {
+        HumanDuration(Duration::from_secs(secs))
+    }
+
+    /// A duration of `ms` milliseconds.
+    pub const fn millis(ms: u64) -> Self {
+        HumanDuration(Duration::from_millis(ms))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "`{text}` is not a duration like 250ms, 5s, 7d: {e}"
+                ))
+            })
+    }
+}
+
+/// A size in bytes, written as a plain integer or with a unit: `512B`, `64KiB`, `16MiB`, `1GiB`
+/// (binary) or `64KB`, `16MB`, `1GB` (decimal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// `n` KiB.
+    pub const fn kib(n: u64) -> Self {
+        ByteSize(n * 1024)
+    }
+
+    /// `n` MiB.
+    pub const fn mib(n: u64) -> Self {
+        ByteSize(n * 1024 * 1024)
+    }
+
+    /// `n` GiB.
+    pub const fn gib(n: u64) -> Self {
+        ByteSize(n * 1024 * 1024 * 1024)
+    }
+
+    /// Parses `64KiB`, `16 MiB`, `1048064`; `None` for anything else, or a value that overflows.
+    pub fn parse(text: &str) -> Option<ByteSize> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let factor: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => return None,
+        };
+        n.checked_mul(factor).map(ByteSize)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size such as 1048064, 64KiB or 16MiB")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size must not be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).ok_or_else(|| {
+                    E::custom(format!(
+                        "`{v}` is not a size such as 1048064, 64KiB or 16MiB"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(SizeVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("64KiB"), Some(ByteSize(65536)));
+        assert_eq!(ByteSize::parse("16 MiB"), Some(ByteSize(16 << 20)));
+        assert_eq!(ByteSize::parse("1048064"), Some(ByteSize(1_048_064)));
+        assert_eq!(ByteSize::parse("2MB"), Some(ByteSize(2_000_000)));
+        assert_eq!(ByteSize::parse("1GiB"), Some(ByteSize::gib(1)));
+        assert_eq!(ByteSize::parse("12XB"), None);
+        assert_eq!(ByteSize::parse("KiB"), None);
+        assert_eq!(ByteSize::parse("-1"), None);
+        assert_eq!(ByteSize::parse("99999999999999999999GiB"), None);
+    }
+
+    #[test]
+    fn durations_from_yaml() {
+        let d: Vec<HumanDuration> = serde_saphyr::from_str("[250ms, 5s, 10m, 7d]").unwrap();
+        assert_eq!(
+            d,
+            vec![
+                HumanDuration::millis(250),
+                HumanDuration::secs(5),
+                HumanDuration::secs(600),
+                HumanDuration::secs(7 * 86400)
+            ]
+        );
+        let bad: Result<HumanDuration, _> = serde_saphyr::from_str("soon");
+        assert!(bad.unwrap_err().to_string().contains("not a duration"));
+    }
+}
