@@ -40,11 +40,14 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let _ = session.drain_request_body().await;
         match session.req_header().uri.path() {
-            "/metrics" => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render().into_bytes(),
-            ),
+            "/metrics" => {
+                self.delivery.update_gauges();
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics::render().into_bytes(),
+                )
+            }
             "/healthz" => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 if self.delivery.ready() {

@@ -151,7 +151,16 @@ impl App {
         }
         let (upstream, health_check) = Upstream::new(&config.upstream, &checked.upstream_addrs)
             .map_err(|e| vec![Problem::new("upstream.peers", e.to_string())])?;
-        let delivery = Arc::new(Delivery::new(&config.delivery, sinks));
+        let delivery = Delivery::open(&config.delivery, sinks).map_err(|e| {
+            vec![Problem::new(
+                "delivery.dir",
+                format!(
+                    "cannot open the buffer in `{}`: {e}",
+                    config.delivery.dir.display()
+                ),
+            )]
+        })?;
+        let delivery = Arc::new(delivery);
         let proxy =
             PostbackProxy::new(checked.router, checked.postback, delivery.clone(), upstream);
         Ok(App {

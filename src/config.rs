@@ -435,6 +435,29 @@ pub enum SinkConfig {
     File(FileSinkConfig),
     /// JSON lines on standard output.
     Stdout,
+    /// NDJSON batches POSTed to a collector.
+    Http(HttpSinkConfig),
+}
+
+/// `type: http`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// Where batches are POSTed.
+    pub url: String,
+    /// Extra request headers (an `Authorization`, say).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Compress each batch with gzip (`Content-Encoding: gzip`).
+    #[serde(default)]
+    pub gzip: bool,
+    /// How long one POST may take.
+    #[serde(default = "default_http_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_http_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
 }
 
 /// `type: file`.
@@ -539,7 +562,7 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            buffer: BufferKind::Memory,
+            buffer: BufferKind::Disk,
             dir: "data/buffer".into(),
             max_bytes: ByteSize::gib(1),
             queue_records: 65536,

@@ -35,5 +35,6 @@ pub mod redirect;
 pub mod response;
 pub mod route;
 pub mod sink;
+pub mod tls;
 pub mod units;
 pub mod upstream;

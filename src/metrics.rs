@@ -40,6 +40,36 @@ pub static QUEUE_RECORDS: Lazy<IntGaugeVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `delivery_spool_bytes{sink}`: bytes in the disk buffer not yet delivered.
+pub static SPOOL_BYTES: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "delivery_spool_bytes",
+        "Bytes in the disk buffer not yet delivered",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
+/// `delivery_spool_skipped_bytes_total{sink}`: torn or corrupt bytes skipped in the disk buffer.
+pub static SPOOL_SKIPPED_BYTES: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "delivery_spool_skipped_bytes_total",
+        "Torn or corrupt bytes skipped while reading the disk buffer",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
+/// `delivery_oldest_record_age_seconds{sink}`: how long the oldest undelivered record has waited.
+pub static OLDEST_AGE: Lazy<prometheus::GaugeVec> = Lazy::new(|| {
+    prometheus::register_gauge_vec!(
+        "delivery_oldest_record_age_seconds",
+        "Age of the oldest record not yet delivered (0 when none waits)",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
 /// `sink_errors_total{sink}`: failed sink writes (each is retried).
 pub static SINK_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     register_int_counter_vec!(

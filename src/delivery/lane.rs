@@ -10,7 +10,7 @@ use log::{error, warn};
 use tokio::sync::watch;
 use tokio::time::sleep_until;
 
-use super::memory::MemoryQueue;
+use super::Lane;
 use crate::config::DeliveryConfig;
 use crate::metrics;
 use crate::record::Record;
@@ -41,24 +41,22 @@ impl BatchPolicy {
 
 /// The writer of one lane.
 pub struct Writer {
-    name: String,
-    queue: Arc<MemoryQueue>,
+    lane: Arc<Lane>,
     sink: Box<dyn LogSink>,
     policy: BatchPolicy,
     rejected_path: PathBuf,
 }
 
 impl Writer {
+    /// The writer that moves `lane`'s records into `sink`.
     pub fn new(
-        name: String,
-        queue: Arc<MemoryQueue>,
+        lane: Arc<Lane>,
         sink: Box<dyn LogSink>,
         policy: BatchPolicy,
         rejected_path: PathBuf,
     ) -> Self {
         Writer {
-            name,
-            queue,
+            lane,
             sink,
             policy,
             rejected_path,
@@ -69,14 +67,15 @@ impl Writer {
     pub async fn run(self, mut closing: watch::Receiver<Option<Instant>>) {
         let mut batch = Vec::with_capacity(self.policy.max_records);
         loop {
-            self.queue
+            self.lane
+                .buffer
                 .take(&mut batch, self.policy.max_records, self.policy.max_bytes);
             if batch.is_empty() {
                 if closing.borrow().is_some() {
                     break;
                 }
                 tokio::select! {
-                    _ = self.queue.arrived() => {}
+                    _ = self.lane.buffer.arrived() => {}
                     _ = closing.changed() => {}
                 }
                 continue;
@@ -85,62 +84,62 @@ impl Writer {
             let deadline = tokio::time::Instant::now() + self.policy.max_wait;
             while batch.len() < self.policy.max_records && closing.borrow().is_none() {
                 tokio::select! {
-                    _ = self.queue.arrived() => {}
+                    _ = self.lane.buffer.arrived() => {}
                     _ = sleep_until(deadline) => break,
                     _ = closing.changed() => {}
                 }
-                self.queue
+                self.lane
+                    .buffer
                     .take(&mut batch, self.policy.max_records, self.policy.max_bytes);
             }
-            self.deliver(&batch, &closing).await;
-            self.queue.done(batch.len());
-            batch.clear();
+            if self.deliver(&batch, &closing).await {
+                self.lane.buffer.delivered(batch.len());
+                batch.clear();
+            } else {
+                self.lane.buffer.give_up(&self.lane.name, batch.len());
+                break;
+            }
         }
         if let Err(e) = self.sink.close().await {
-            error!("sink {}: close failed: {e}", self.name);
+            error!("sink {}: close failed: {e}", self.lane.name);
         }
     }
 
-    /// Writes `batch` until the sink takes it; at shutdown, gives up at the drain deadline.
-    async fn deliver(&self, batch: &[Record], closing: &watch::Receiver<Option<Instant>>) {
+    /// Writes `batch` until the sink takes it (`true`); at shutdown, gives up at the drain
+    /// deadline (`false`).
+    async fn deliver(&self, batch: &[Record], closing: &watch::Receiver<Option<Instant>>) -> bool {
         let mut backoff = self.policy.retry_initial;
         metrics::BATCH_RECORDS
-            .with_label_values(&[&self.name])
+            .with_label_values(&[&self.lane.name])
             .observe(batch.len() as f64);
         loop {
             match self.sink.write_batch(batch).await {
                 Ok(rejections) => {
-                    self.queue.sink_healthy.store(true, Ordering::Relaxed);
+                    self.lane.healthy.store(true, Ordering::Relaxed);
                     let delivered = batch.len() - rejections.len();
                     metrics::RECORDS
-                        .with_label_values(&[&self.name, "delivered"])
+                        .with_label_values(&[&self.lane.name, "delivered"])
                         .inc_by(delivered as u64);
                     if !rejections.is_empty() {
                         self.write_rejected(batch, &rejections);
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => {
-                    self.queue.sink_healthy.store(false, Ordering::Relaxed);
-                    metrics::SINK_ERRORS.with_label_values(&[&self.name]).inc();
+                    self.lane.healthy.store(false, Ordering::Relaxed);
+                    metrics::SINK_ERRORS
+                        .with_label_values(&[&self.lane.name])
+                        .inc();
                     warn!(
                         "sink {}: batch of {} records failed, retrying in about {:?}: {e}",
-                        self.name,
+                        self.lane.name,
                         batch.len(),
                         backoff
                     );
                     let mut wake = Instant::now() + jitter(backoff);
                     if let Some(deadline) = *closing.borrow() {
                         if Instant::now() >= deadline {
-                            error!(
-                                "sink {}: giving up at shutdown; {} records were not delivered",
-                                self.name,
-                                batch.len()
-                            );
-                            metrics::RECORDS
-                                .with_label_values(&[&self.name, "lost"])
-                                .inc_by(batch.len() as u64);
-                            return;
+                            return false;
                         }
                         wake = wake.min(deadline);
                     }
@@ -154,14 +153,15 @@ impl Writer {
     /// Appends records the sink refused for good to `rejected.jsonl`, with the reason.
     fn write_rejected(&self, batch: &[Record], rejections: &[Rejection]) {
         metrics::RECORDS
-            .with_label_values(&[&self.name, "rejected"])
+            .with_label_values(&[&self.lane.name, "rejected"])
             .inc_by(rejections.len() as u64);
         let mut out = Vec::new();
         for r in rejections {
             let Some(record) = batch.get(r.index) else {
                 continue;
             };
-            let line = serde_json::json!({"sink": self.name, "reason": r.reason, "record": record});
+            let line =
+                serde_json::json!({"sink": self.lane.name, "reason": r.reason, "record": record});
             out.extend_from_slice(line.to_string().as_bytes());
             out.push(b'\n');
         }
@@ -179,13 +179,13 @@ impl Writer {
         match result {
             Ok(()) => warn!(
                 "sink {}: {} records rejected for good, written to {}",
-                self.name,
+                self.lane.name,
                 rejections.len(),
                 self.rejected_path.display()
             ),
             Err(e) => error!(
                 "sink {}: {} records rejected for good and cannot be written to {}: {e}",
-                self.name,
+                self.lane.name,
                 rejections.len(),
                 self.rejected_path.display()
             ),

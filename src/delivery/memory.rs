@@ -1,8 +1,8 @@
 //! `buffer: memory`: a bounded in-memory queue per sink.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -12,7 +12,7 @@ use crate::metrics;
 use crate::record::Record;
 
 struct State {
-    records: VecDeque<Record>,
+    records: VecDeque<(Instant, Record)>,
     closed: bool,
 }
 
@@ -23,8 +23,6 @@ pub struct MemoryQueue {
     capacity: usize,
     when_full: WhenFull,
     arrived: Notify,
-    /// Cleared while the sink fails, set again when it takes a batch.
-    pub sink_healthy: AtomicBool,
 }
 
 impl MemoryQueue {
@@ -39,7 +37,6 @@ impl MemoryQueue {
             capacity,
             when_full,
             arrived: Notify::new(),
-            sink_healthy: AtomicBool::new(true),
         }
     }
 
@@ -50,6 +47,7 @@ impl MemoryQueue {
     /// Takes all of `records` or none of them.
     pub fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
         let n = records.len();
+        let now = Instant::now();
         {
             let mut state = self.lock();
             if state.closed {
@@ -67,7 +65,7 @@ impl MemoryQueue {
                     }
                 };
             }
-            state.records.extend(records);
+            state.records.extend(records.into_iter().map(|r| (now, r)));
         }
         metrics::RECORDS
             .with_label_values(&[&self.sink, "accepted"])
@@ -85,7 +83,7 @@ impl MemoryQueue {
         let mut bytes: usize = batch.iter().map(Record::approx_len).sum();
         let mut taken = 0;
         while batch.len() < max_records {
-            let Some(next) = state.records.front() else {
+            let Some((_, next)) = state.records.front() else {
                 break;
             };
             let len = next.approx_len();
@@ -93,7 +91,7 @@ impl MemoryQueue {
                 break;
             }
             bytes += len;
-            batch.extend(state.records.pop_front());
+            batch.extend(state.records.pop_front().map(|(_, r)| r));
             taken += 1;
         }
         taken
@@ -110,12 +108,17 @@ impl MemoryQueue {
         self.arrived.notify_one();
     }
 
-    /// `true` when the sink is healthy and the queue has room.
-    pub fn ready(&self) -> bool {
-        self.sink_healthy.load(Ordering::Relaxed) && self.lock().records.len() < self.capacity
+    /// `true` while the queue has room.
+    pub fn has_room(&self) -> bool {
+        self.lock().records.len() < self.capacity
     }
 
-    /// Records delivered (or given up): lowers the queue gauge.
+    /// How long the oldest queued record has waited.
+    pub fn oldest_age(&self) -> Option<std::time::Duration> {
+        self.lock().records.front().map(|(t, _)| t.elapsed())
+    }
+
+    /// `n` records were delivered or given up: lowers the queue gauge.
     pub fn done(&self, n: usize) {
         metrics::QUEUE_RECORDS
             .with_label_values(&[&self.sink])

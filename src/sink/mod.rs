@@ -4,11 +4,13 @@
 //! and knows nothing about HTTP or buffering: it writes, and says whether the batch is delivered.
 
 mod file;
+mod http;
 mod stdout;
 
 use async_trait::async_trait;
 
 pub use file::FileSink;
+pub use http::HttpSink;
 pub use stdout::StdoutSink;
 
 use crate::config::{Problem, SinkConfig};
@@ -46,6 +48,7 @@ pub fn validate(name: &str, cfg: &SinkConfig) -> Vec<Problem> {
     let field = format!("sinks.{name}");
     match cfg {
         SinkConfig::File(f) => FileSink::validate(f, &field),
+        SinkConfig::Http(h) => HttpSink::validate(h, &field),
         SinkConfig::Stdout => Vec::new(),
     }
 }
@@ -56,6 +59,9 @@ pub fn open(name: &str, cfg: &SinkConfig) -> Result<Box<dyn LogSink>, Problem> {
         SinkConfig::File(f) => FileSink::open(f)
             .map(|s| Box::new(s) as Box<dyn LogSink>)
             .map_err(|e| Problem::new(format!("sinks.{name}.path"), e.to_string())),
+        SinkConfig::Http(h) => HttpSink::open(h)
+            .map(|s| Box::new(s) as Box<dyn LogSink>)
+            .map_err(|e| Problem::new(format!("sinks.{name}.url"), e)),
         SinkConfig::Stdout => Ok(Box::new(StdoutSink::new())),
     }
 }
