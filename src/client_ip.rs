@@ -42,11 +42,11 @@ impl ClientIpPolicy {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    /// Runs for postbacks that record `td_ip`: the peer when it is not trusted; otherwise the
-    /// right-most `X-Forwarded-For` entry that is not trusted (entries to its left could have been
-    /// written by anyone). Walking stops at an entry that is not an address, keeping the last
-    /// trusted hop. `xff` yields each `X-Forwarded-For` header value in order. Anonymized when so
-    /// configured.
+    /// Runs for postbacks that record `td_ip` and for rate limiting: the peer when it is not
+    /// trusted; otherwise the right-most `X-Forwarded-For` entry that is not trusted (entries to
+    /// its left could have been written by anyone). Walking stops at an entry that is not an
+    /// address, keeping the last trusted hop. `xff` yields each `X-Forwarded-For` header value in
+    /// order. Not anonymized: see [`ClientIpPolicy::recorded`].
     pub fn client_ip<'a>(&self, peer: IpAddr, xff: impl Iterator<Item = &'a [u8]>) -> IpAddr {
         let peer = peer.to_canonical();
         let mut client = peer;
@@ -62,10 +62,16 @@ impl ClientIpPolicy {
                 }
             }
         }
-        if self.anonymize {
-            anonymize(client)
+        client
+    }
+
+    /// The address as a record keeps it: anonymized when the route's override or, without one,
+    /// `client_ip.anonymize` says so.
+    pub fn recorded(&self, ip: IpAddr, anonymize_override: Option<bool>) -> IpAddr {
+        if anonymize_override.unwrap_or(self.anonymize) {
+            anonymize(ip)
         } else {
-            client
+            ip
         }
     }
 }
@@ -118,8 +124,8 @@ mod tests {
     }
 
     fn resolve(p: &ClientIpPolicy, peer: &str, xff: &[&str]) -> String {
-        p.client_ip(ip(peer), xff.iter().map(|s| s.as_bytes()))
-            .to_string()
+        let client = p.client_ip(ip(peer), xff.iter().map(|s| s.as_bytes()));
+        p.recorded(client, None).to_string()
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::privacy::PrivacyConfig;
 use crate::units::{ByteSize, HumanDuration};
 
 /// One problem found in the configuration: the dotted path of the field and what is wrong with it.
@@ -242,6 +243,9 @@ pub struct RouteConfig {
     /// The name of the sink (a key of `sinks:`).
     #[serde(default = "default_sink_name")]
     pub sink: String,
+    /// Replaces `postback.privacy` for this route.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
 }
 
 fn default_sink_name() -> String {
@@ -255,6 +259,7 @@ fn default_routes() -> Vec<RouteConfig> {
         table: None,
         default_format: Format::Json,
         sink: default_sink_name(),
+        privacy: None,
     }]
 }
 
@@ -296,6 +301,16 @@ pub struct PostbackConfig {
     pub global_id: GlobalIdConfig,
     pub client_ip: ClientIpConfig,
     pub cors: CorsConfig,
+    pub privacy: PrivacyConfig,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `postback.rate_limit:`: postbacks per second allowed from one client address.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// None: no limit. Past it, `429` with `Retry-After: 1`.
+    pub per_second: Option<u64>,
 }
 
 impl Default for PostbackConfig {
@@ -309,6 +324,8 @@ impl Default for PostbackConfig {
             global_id: GlobalIdConfig::default(),
             client_ip: ClientIpConfig::default(),
             cors: CorsConfig::default(),
+            privacy: PrivacyConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -437,6 +454,84 @@ pub enum SinkConfig {
     Stdout,
     /// NDJSON batches POSTed to a collector.
     Http(HttpSinkConfig),
+    /// Messages produced to Kafka topics.
+    Kafka(KafkaSinkConfig),
+    /// The Fluentd forward protocol (td-agent, Fluentd, Fluent Bit).
+    Fluent(FluentSinkConfig),
+}
+
+/// `type: kafka`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Topic template: `{database}` and `{table}` are replaced; a fixed name is fine.
+    #[serde(default = "default_kafka_topic")]
+    pub topic: String,
+    /// `all` (default), `1` or `0`.
+    #[serde(default = "default_kafka_acks")]
+    pub acks: String,
+    /// `lz4` (default), `none`, `gzip`, `snappy`, `zstd`.
+    #[serde(default = "default_kafka_compression")]
+    pub compression: String,
+    /// How long the producer waits to fill a batch.
+    #[serde(default = "default_kafka_linger")]
+    pub linger: HumanDuration,
+    #[serde(default = "default_kafka_client_id")]
+    pub client_id: String,
+    /// How long a batch may wait for its acknowledgements before it is retried.
+    #[serde(default = "default_kafka_timeout")]
+    pub timeout: HumanDuration,
+    /// Further librdkafka properties, passed through (`security.protocol`, `sasl.*`, `ssl.*`, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_kafka_topic() -> String {
+    "{database}.{table}".into()
+}
+fn default_kafka_acks() -> String {
+    "all".into()
+}
+fn default_kafka_compression() -> String {
+    "lz4".into()
+}
+fn default_kafka_linger() -> HumanDuration {
+    HumanDuration::millis(5)
+}
+fn default_kafka_client_id() -> String {
+    "postback-proxy".into()
+}
+fn default_kafka_timeout() -> HumanDuration {
+    HumanDuration::secs(30)
+}
+
+/// `type: fluent`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FluentSinkConfig {
+    /// `host:port` of the forward input.
+    pub address: String,
+    /// Tag template: `{database}` and `{table}` are replaced.
+    #[serde(default = "default_fluent_tag")]
+    pub tag: String,
+    /// Send the `chunk` option and wait for the matching `ack`.
+    #[serde(default = "default_true")]
+    pub require_ack: bool,
+    /// How long a connect, a write or waiting for an ack may take.
+    #[serde(default = "default_fluent_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_fluent_tag() -> String {
+    "td.{database}.{table}".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_fluent_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
 }
 
 /// `type: http`.

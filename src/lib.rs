@@ -28,6 +28,7 @@ pub mod cookie;
 pub mod delivery;
 pub mod metrics;
 pub mod postback;
+pub mod privacy;
 pub mod proxy;
 pub mod query;
 pub mod record;

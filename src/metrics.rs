@@ -30,6 +30,17 @@ pub static RECORDS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `postback_filtered_records_total{reason,action}`: records changed or kept out by the privacy
+/// and bot rules (`opted_out`/`no_consent`/`bot`, and `strip`/`drop`/`flag`).
+pub static FILTERED: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "postback_filtered_records_total",
+        "Records stripped, dropped or flagged by the privacy and bot rules",
+        &["reason", "action"]
+    )
+    .expect("metric registers once")
+});
+
 /// `delivery_queue_records{sink}`: records accepted and not yet delivered.
 pub static QUEUE_RECORDS: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(

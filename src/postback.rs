@@ -15,6 +15,8 @@ use crate::auth::{AuthError, KeyStore};
 use crate::client_ip::ClientIpPolicy;
 use crate::config::{CorsConfig, Format, PostbackConfig, Problem};
 use crate::cookie::{self, GlobalIdCookie};
+use crate::metrics;
+use crate::privacy::{BotAction, OptOutAction, PrivacyPolicy};
 use crate::query::parse_pairs;
 use crate::record::{Record, RecordBody};
 use crate::redirect::{self, RedirectPolicy};
@@ -27,6 +29,8 @@ pub struct Target<'a> {
     pub table: &'a str,
     /// The answer when `td_format` is absent.
     pub default_format: Format,
+    /// The route's own privacy rules, if it has any.
+    pub privacy: Option<&'a PrivacyPolicy>,
 }
 
 /// The parts of an HTTP request a postback needs.
@@ -111,6 +115,7 @@ pub struct Postback {
     client_ip: ClientIpPolicy,
     cookie: GlobalIdCookie,
     redirect: RedirectPolicy,
+    privacy: PrivacyPolicy,
     cors_origins: Vec<String>,
     cors_any: bool,
     max_columns: usize,
@@ -120,6 +125,8 @@ pub struct Postback {
     pub max_url_bytes: usize,
     /// Requests whose body is longer are answered 413.
     pub max_body_bytes: usize,
+    /// Postbacks per second allowed from one client address.
+    pub rate_limit: Option<u64>,
 }
 
 fn bad(message: impl Into<String>) -> Refusal {
@@ -133,6 +140,7 @@ impl Postback {
         let client_ip = ClientIpPolicy::from_config(&cfg.client_ip).map_err(|p| problems.extend(p));
         let cookie = GlobalIdCookie::from_config(&cfg.global_id).map_err(|p| problems.extend(p));
         let redirect = RedirectPolicy::from_config(&cfg.redirect).map_err(|p| problems.extend(p));
+        let privacy = PrivacyPolicy::from_config(&cfg.privacy, "postback.privacy").map_err(|p| problems.extend(p));
         let CorsConfig { allowed_origins } = &cfg.cors;
         for (i, origin) in allowed_origins.iter().enumerate() {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
@@ -142,11 +150,14 @@ impl Postback {
                 ));
             }
         }
+        if cfg.rate_limit.per_second == Some(0) {
+            problems.push(Problem::new("postback.rate_limit.per_second", "must be at least 1"));
+        }
         if cfg.max_columns == 0 {
             problems.push(Problem::new("postback.max_columns", "must be at least 1"));
         }
-        let (Ok(client_ip), Ok(cookie), Ok(redirect), true) =
-            (client_ip, cookie, redirect, problems.is_empty())
+        let (Ok(client_ip), Ok(cookie), Ok(redirect), Ok(privacy), true) =
+            (client_ip, cookie, redirect, privacy, problems.is_empty())
         else {
             return Err(problems);
         };
@@ -155,6 +166,7 @@ impl Postback {
             client_ip,
             cookie,
             redirect,
+            privacy,
             cors_any: allowed_origins.iter().any(|o| o == "*"),
             cors_origins: allowed_origins
                 .iter()
@@ -165,6 +177,7 @@ impl Postback {
             future_secs: cfg.record_time_window.future.0.as_secs() as i64,
             max_url_bytes: usize::try_from(cfg.max_url_bytes.0).unwrap_or(usize::MAX),
             max_body_bytes: usize::try_from(cfg.max_body_bytes.0).unwrap_or(usize::MAX),
+            rate_limit: cfg.rate_limit.per_second,
         })
     }
 
@@ -302,6 +315,12 @@ impl Postback {
             }
         })?;
 
+        let assessment = target.privacy.unwrap_or(&self.privacy).assess(req.headers);
+        let dropped = match (assessment.opted_out, assessment.bot) {
+            (Some(OptOutAction::Drop), _) => Some("opted_out"),
+            (_, Some((_, BotAction::Drop))) => Some("bot"),
+            _ => None,
+        };
         let existing = cookie::find(
             req.headers
                 .get_all(header::COOKIE)
@@ -310,12 +329,20 @@ impl Postback {
             &self.cookie.name,
         )
         .filter(|id| cookie::valid_global_id(id));
-        let global_id = existing.map_or_else(cookie::new_global_id, str::to_owned);
+        let identifiers = assessment.identifiers_allowed && dropped.is_none();
+        let global_id = match (identifiers, existing) {
+            (false, _) => String::new(),
+            (true, Some(id)) => id.to_owned(),
+            (true, None) => cookie::new_global_id(),
+        };
         let mut fill = Placeholders {
             postback: self,
             req,
             global_id: &global_id,
             ip: None,
+            anonymize: assessment.anonymize_ip,
+            identifiers,
+            strip: assessment.opted_out.is_some(),
         };
 
         let base_time = self.record_time(params.record_time.as_deref(), req.now);
@@ -333,6 +360,26 @@ impl Postback {
         } else {
             records.push(self.record(target, base_time, params.columns.into_iter(), &mut fill)?);
         }
+        if let Some(reason) = dropped {
+            metrics::FILTERED
+                .with_label_values(&[reason, "drop"])
+                .inc_by(records.len() as u64);
+            records.clear();
+        } else {
+            if let Some((why, BotAction::Flag)) = assessment.bot {
+                metrics::FILTERED
+                    .with_label_values(&["bot", "flag"])
+                    .inc_by(records.len() as u64);
+                for r in &mut records {
+                    r.body.columns.insert("td_bot".into(), why.into());
+                }
+            }
+            if assessment.opted_out.is_some() {
+                metrics::FILTERED
+                    .with_label_values(&["opted_out", "strip"])
+                    .inc_by(records.len() as u64);
+            }
+        }
 
         let mut reply = match redirect {
             Some(url) => Reply::redirect(redirect::location(url, &global_id)),
@@ -341,7 +388,7 @@ impl Postback {
                 Format::Json => Reply::json_ok(),
             },
         };
-        if existing.is_none() {
+        if identifiers && existing.is_none() {
             reply
                 .headers
                 .push(("Set-Cookie", self.cookie.set_cookie(&global_id, req.tls)));
@@ -365,7 +412,9 @@ impl Postback {
     ) -> Result<Record, Refusal> {
         let mut map = BTreeMap::new();
         for (name, value) in columns {
-            let value = fill.value(&name, value);
+            let Some(value) = fill.value(&name, value) else {
+                continue;
+            };
             map.insert(name, value);
             if map.len() > self.max_columns {
                 return Err(Refusal::new(
@@ -388,32 +437,30 @@ struct Placeholders<'a> {
     req: &'a PostbackRequest<'a>,
     global_id: &'a str,
     ip: Option<String>,
+    /// The route's `anonymize_ip` override.
+    anonymize: Option<bool>,
+    /// Identifiers (`td_global_id`) may be recorded: consent given and not opted out.
+    identifiers: bool,
+    /// The visitor opted out: no `td_ip`, `td_ua` or `td_global_id` column at all.
+    strip: bool,
 }
 
 impl Placeholders<'_> {
-    fn value(&mut self, name: &str, value: String) -> String {
-        if name != value {
-            return value;
-        }
+    /// The value column `name` gets, or `None` when the privacy rules leave it out.
+    fn value(&mut self, name: &str, value: String) -> Option<String> {
         match name {
-            "td_ip" => self
-                .ip
-                .get_or_insert_with(|| match self.req.peer {
-                    Some(peer) => self
-                        .postback
-                        .client_ip
-                        .client_ip(
-                            peer,
-                            self.req
-                                .headers
-                                .get_all("x-forwarded-for")
-                                .iter()
-                                .map(|v| v.as_bytes()),
-                        )
-                        .to_string(),
-                    None => String::new(),
-                })
-                .clone(),
+            "td_ip" | "td_ua" | "td_global_id" if self.strip => return None,
+            "td_global_id" if !self.identifiers => return None,
+            _ if name != value => return Some(value),
+            _ => {}
+        }
+        Some(match name {
+            "td_ip" => {
+                if self.ip.is_none() {
+                    self.ip = Some(self.client_ip());
+                }
+                self.ip.clone().unwrap_or_default()
+            }
             "td_ua" => self
                 .req
                 .headers
@@ -422,7 +469,16 @@ impl Placeholders<'_> {
                 .unwrap_or_default(),
             "td_global_id" => self.global_id.to_owned(),
             _ => value,
-        }
+        })
+    }
+
+    fn client_ip(&self) -> String {
+        let Some(peer) = self.req.peer else {
+            return String::new();
+        };
+        let policy = &self.postback.client_ip;
+        let xff = self.req.headers.get_all("x-forwarded-for").iter().map(|v| v.as_bytes());
+        policy.recorded(policy.client_ip(peer, xff), self.anonymize).to_string()
     }
 }
 
@@ -466,6 +522,7 @@ mod tests {
         database: "web",
         table: "pageviews",
         default_format: Format::Json,
+        privacy: None,
     };
 
     fn get(
@@ -728,6 +785,66 @@ mod tests {
                 .kind,
             ErrorKind::BadRequest
         );
+    }
+
+    #[test]
+    fn gpc_strips_identifiers_and_sets_no_cookie() {
+        let p = postback("");
+        let q = "td_write_key=KEY&page=a&td_ip=td_ip&td_ua=td_ua&td_global_id=td_global_id";
+        let o = get(&p, q, &[("sec-gpc", "1"), ("user-agent", "Firefox")]).unwrap();
+        assert_eq!(columns(&o), [("page".to_string(), "a".to_string())]);
+        assert_eq!(header(&o, "Set-Cookie"), None);
+        assert_eq!(&o.reply.body[..], b"{}");
+        // DNT is not honoured by default.
+        let o = get(&p, q, &[("dnt", "1"), ("user-agent", "Firefox")]).unwrap();
+        assert_eq!(o.records[0].body.columns.len(), 4);
+    }
+
+    #[test]
+    fn opt_out_drop_and_consent() {
+        let p = postback("privacy: {honor_dnt: true, opted_out: drop, consent_cookie: ok}");
+        let q = "td_write_key=KEY&td_global_id=td_global_id&td_ip=td_ip";
+        let o = get(&p, q, &[("dnt", "1")]).unwrap();
+        assert!(o.records.is_empty());
+        assert_eq!(o.reply.status, 200);
+        // No consent cookie: no global id, no cookie, the rest is kept.
+        let o = get(&p, q, &[]).unwrap();
+        assert_eq!(columns(&o), [("td_ip".to_string(), "10.0.0.1".to_string())]);
+        assert_eq!(header(&o, "Set-Cookie"), None);
+        let o = get(&p, q, &[("cookie", "ok=1")]).unwrap();
+        assert_eq!(o.records[0].body.columns["td_global_id"].len(), 36);
+        assert!(header(&o, "Set-Cookie").is_some());
+    }
+
+    #[test]
+    fn bots_are_flagged_or_dropped_and_ip_anonymized_per_route() {
+        let p = postback("");
+        let o = get(&p, "td_write_key=KEY&a=1", &[("user-agent", "Googlebot/2.1")]).unwrap();
+        assert_eq!(o.records[0].body.columns["td_bot"], "user_agent");
+        let o = get(&p, "td_write_key=KEY&a=1", &[("purpose", "prefetch")]).unwrap();
+        assert_eq!(o.records[0].body.columns["td_bot"], "prefetch");
+
+        let cfg: crate::privacy::PrivacyConfig =
+            serde_saphyr::from_str("{bots: drop, anonymize_ip: true}").unwrap();
+        let route_privacy = PrivacyPolicy::from_config(&cfg, "routes[0].privacy").unwrap();
+        let target = Target {
+            privacy: Some(&route_privacy),
+            ..TARGET
+        };
+        let mut map = HeaderMap::new();
+        map.insert("user-agent", "Googlebot/2.1".parse().unwrap());
+        let req = |headers| PostbackRequest {
+            method: &Method::GET,
+            query: Some("td_write_key=KEY&td_ip=td_ip"),
+            headers,
+            body: b"",
+            peer: Some("203.0.113.7".parse().unwrap()),
+            tls: false,
+            now: NOW,
+        };
+        assert!(p.handle(target, &req(&map)).unwrap().records.is_empty());
+        let o = p.handle(target, &req(&HeaderMap::new())).unwrap();
+        assert_eq!(o.records[0].body.columns["td_ip"], "203.0.113.0");
     }
 
     #[test]

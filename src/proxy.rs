@@ -12,6 +12,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora_limits::rate::Rate;
 
 use crate::delivery::Delivery;
 use crate::metrics;
@@ -26,6 +27,8 @@ pub struct PostbackProxy {
     postback: Postback,
     delivery: Arc<Delivery>,
     upstream: Upstream,
+    /// Postbacks per client address in the current second (with `postback.rate_limit`).
+    rate: Rate,
 }
 
 /// Per-request state.
@@ -48,7 +51,29 @@ impl PostbackProxy {
             postback,
             delivery,
             upstream,
+            rate: Rate::new(std::time::Duration::from_secs(1)),
         }
+    }
+
+    /// `Err` when the client has sent more than `postback.rate_limit.per_second` postbacks this second.
+    fn check_rate(&self, session: &Session) -> Result<(), Refusal> {
+        let (Some(limit), Some(peer)) = (self.postback.rate_limit, peer_ip(session)) else {
+            return Ok(());
+        };
+        let xff = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes());
+        let client = self.postback.client_ip_policy().client_ip(peer, xff);
+        if self.rate.observe(&client, 1) > limit as isize {
+            return Err(Refusal::new(
+                ErrorKind::TooManyRequests,
+                format!("more than {limit} postbacks per second from this address"),
+            ));
+        }
+        Ok(())
     }
 
     /// Works out the reply to a postback; reads the body of POSTs.
@@ -67,6 +92,7 @@ impl PostbackProxy {
                 return Err(Refusal::new(ErrorKind::BadRequest, message.clone()))
             }
         };
+        self.check_rate(session)?;
         let req = session.req_header();
         let url_len = req.uri.path_and_query().map_or(0, |pq| pq.as_str().len());
         if url_len > self.postback.max_url_bytes {
@@ -103,6 +129,7 @@ impl PostbackProxy {
             database,
             table,
             default_format: route.default_format,
+            privacy: route.privacy.as_ref(),
         };
         let outcome = self.postback.handle(target, &request)?;
         self.delivery

@@ -21,6 +21,7 @@ pub enum ErrorKind {
     PayloadTooLarge,
     UriTooLong,
     UnsupportedMediaType,
+    TooManyRequests,
     Unavailable,
 }
 
@@ -34,6 +35,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::UriTooLong => 414,
             ErrorKind::UnsupportedMediaType => 415,
+            ErrorKind::TooManyRequests => 429,
             ErrorKind::Unavailable => 503,
         }
     }
@@ -47,6 +49,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => "payload_too_large",
             ErrorKind::UriTooLong => "uri_too_long",
             ErrorKind::UnsupportedMediaType => "unsupported_media_type",
+            ErrorKind::TooManyRequests => "too_many_requests",
             ErrorKind::Unavailable => "unavailable",
         }
     }
@@ -125,7 +128,9 @@ impl Reply {
             ErrorKind::MethodNotAllowed => {
                 r.headers.push(("Allow", "GET, HEAD, POST, OPTIONS".into()))
             }
-            ErrorKind::Unavailable => r.headers.push(("Retry-After", "1".into())),
+            ErrorKind::Unavailable | ErrorKind::TooManyRequests => {
+                r.headers.push(("Retry-After", "1".into()))
+            }
             _ => {}
         }
         r

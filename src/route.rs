@@ -1,6 +1,7 @@
 //! Postback routes: path templates such as `/postback/v3/event/{database}/{table}`, tried in order.
 
 use crate::config::{Format, Problem, RouteConfig};
+use crate::privacy::PrivacyPolicy;
 
 /// Index of a sink in [`crate::delivery::Delivery`], resolved from the sink's name at start-up.
 pub type SinkId = usize;
@@ -38,6 +39,8 @@ pub struct Route {
     pub default_format: Format,
     /// Where the route's records go.
     pub sink: SinkId,
+    /// The route's own privacy rules, replacing `postback.privacy`.
+    pub privacy: Option<PrivacyPolicy>,
 }
 
 /// What [`Router::find`] found for a path.
@@ -110,6 +113,12 @@ impl Route {
                 _ => {}
             }
         }
+        let privacy = match &cfg.privacy {
+            Some(p) => PrivacyPolicy::from_config(p, &format!("{field}.privacy"))
+                .map_err(|p| problems.extend(p))
+                .ok(),
+            None => None,
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -120,6 +129,7 @@ impl Route {
             table: cfg.table.clone(),
             default_format: cfg.default_format,
             sink,
+            privacy,
         })
     }
 
@@ -243,6 +253,7 @@ mod tests {
             table: None,
             default_format: Format::Json,
             sink: "main".into(),
+            privacy: None,
         };
         Route::compile(&cfg, 0, "routes[0]").unwrap()
     }
@@ -312,6 +323,7 @@ mod tests {
                 table: None,
                 default_format: Format::Json,
                 sink: "main".into(),
+                privacy: None,
             };
             Route::compile(&cfg, 0, "routes[2]").unwrap_err()
         };

@@ -4,13 +4,17 @@
 //! and knows nothing about HTTP or buffering: it writes, and says whether the batch is delivered.
 
 mod file;
+mod fluent;
 mod http;
+mod kafka;
 mod stdout;
 
 use async_trait::async_trait;
 
 pub use file::FileSink;
+pub use fluent::FluentSink;
 pub use http::HttpSink;
+pub use kafka::KafkaSink;
 pub use stdout::StdoutSink;
 
 use crate::config::{Problem, SinkConfig};
@@ -49,6 +53,8 @@ pub fn validate(name: &str, cfg: &SinkConfig) -> Vec<Problem> {
     match cfg {
         SinkConfig::File(f) => FileSink::validate(f, &field),
         SinkConfig::Http(h) => HttpSink::validate(h, &field),
+        SinkConfig::Kafka(k) => KafkaSink::validate(k, &field),
+        SinkConfig::Fluent(f) => FluentSink::validate(f, &field),
         SinkConfig::Stdout => Vec::new(),
     }
 }
@@ -62,6 +68,12 @@ pub fn open(name: &str, cfg: &SinkConfig) -> Result<Box<dyn LogSink>, Problem> {
         SinkConfig::Http(h) => HttpSink::open(h)
             .map(|s| Box::new(s) as Box<dyn LogSink>)
             .map_err(|e| Problem::new(format!("sinks.{name}.url"), e)),
+        SinkConfig::Kafka(k) => KafkaSink::open(name, k)
+            .map(|s| Box::new(s) as Box<dyn LogSink>)
+            .map_err(|e| Problem::new(format!("sinks.{name}.brokers"), e)),
+        SinkConfig::Fluent(f) => FluentSink::open(name, f)
+            .map(|s| Box::new(s) as Box<dyn LogSink>)
+            .map_err(|e| Problem::new(format!("sinks.{name}.address"), e)),
         SinkConfig::Stdout => Ok(Box::new(StdoutSink::new())),
     }
 }

@@ -1,0 +1,245 @@
+//! Privacy and bot rules: opt-out signals, consent, and known robots.
+//!
+//! For each postback, [`PrivacyPolicy::assess`] reads the request headers and says whether the
+//! visitor opted out (`DNT: 1`, `Sec-GPC: 1`, an opt-out cookie), whether identifiers may be kept
+//! (consent), and whether the request comes from a robot or a prefetch. [`crate::postback`] then
+//! drops the record, strips `td_ip`/`td_ua`/`td_global_id`, or flags it with `td_bot`.
+
+use http::{header, HeaderMap};
+use serde::Deserialize;
+
+use crate::config::Problem;
+use crate::cookie;
+
+/// What happens to the record of a visitor who opted out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptOutAction {
+    /// Keep the record without `td_ip`, `td_ua` and `td_global_id`, and set no cookie.
+    #[default]
+    Strip,
+    /// Keep no record (the answer is the same).
+    Drop,
+}
+
+/// What happens to the record of a robot or a prefetch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BotAction {
+    /// Keep the record with the column `td_bot` saying why (`user_agent` or `prefetch`).
+    #[default]
+    Flag,
+    /// Keep no record (the answer is the same).
+    Drop,
+    /// Treat robots like everyone else.
+    Off,
+}
+
+/// `postback.privacy:` (and `routes[].privacy:`, which replaces it for one route).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Honour `DNT: 1`.
+    pub honor_dnt: bool,
+    /// Honour `Sec-GPC: 1` (Global Privacy Control, a legal opt-out in some places).
+    pub honor_gpc: bool,
+    /// A cookie whose presence (with a value other than empty, `0` or `false`) means opted out.
+    pub opt_out_cookie: Option<String>,
+    /// What an opt-out does to the record.
+    pub opted_out: OptOutAction,
+    /// When set, identifiers (`td_global_id` and its cookie) are used only if this cookie is
+    /// present with a value other than empty, `0` or `false`.
+    pub consent_cookie: Option<String>,
+    /// Overrides `postback.client_ip.anonymize` for the route.
+    pub anonymize_ip: Option<bool>,
+    /// What a robot or prefetch does to the record.
+    pub bots: BotAction,
+    /// More User-Agent substrings (case-insensitive) that mark robots.
+    pub bot_user_agents: Vec<String>,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            honor_dnt: false,
+            honor_gpc: true,
+            opt_out_cookie: None,
+            opted_out: OptOutAction::Strip,
+            consent_cookie: None,
+            anonymize_ip: None,
+            bots: BotAction::Flag,
+            bot_user_agents: Vec::new(),
+        }
+    }
+}
+
+/// User-Agent substrings (lower case) of well-known robots, crawlers, link previewers and
+/// headless browsers.
+const KNOWN_BOTS: &[&str] = &[
+    "bot", "crawler", "spider", "slurp", "crawl", "headlesschrome", "phantomjs", "facebookexternalhit",
+    "embedly", "quora link preview", "whatsapp", "skypeuripreview", "bingpreview", "mediapartners-google",
+    "adsbot-google", "apis-google", "feedfetcher", "python-requests", "python-urllib", "go-http-client",
+    "java/", "okhttp", "libwww-perl", "wget", "scrapy", "httpclient", "lighthouse", "pingdom",
+    "uptimerobot", "statuscake", "gtmetrix",
+];
+
+/// The compiled rules.
+#[derive(Clone, Debug)]
+pub struct PrivacyPolicy {
+    cfg: PrivacyConfig,
+    bot_needles: Vec<String>,
+}
+
+/// What the rules say about one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Assessment {
+    /// The visitor opted out, and what to do about it.
+    pub opted_out: Option<OptOutAction>,
+    /// Identifiers may be kept and the global-id cookie set.
+    pub identifiers_allowed: bool,
+    /// Why the request looks automated (`user_agent`, `prefetch`), and what to do about it.
+    pub bot: Option<(&'static str, BotAction)>,
+    /// `td_ip` is anonymized.
+    pub anonymize_ip: Option<bool>,
+}
+
+fn truthy(v: &str) -> bool {
+    !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
+}
+
+impl PrivacyPolicy {
+    /// Compiles `cfg`; problems are reported under `field`.
+    pub fn from_config(cfg: &PrivacyConfig, field: &str) -> Result<PrivacyPolicy, Vec<Problem>> {
+        let mut problems = Vec::new();
+        for (name, value) in [("opt_out_cookie", &cfg.opt_out_cookie), ("consent_cookie", &cfg.consent_cookie)] {
+            if value.as_deref().is_some_and(|v| v.is_empty() || v.contains([';', '=', ' ', ','])) {
+                problems.push(Problem::new(format!("{field}.{name}"), "must be a cookie name"));
+            }
+        }
+        if cfg.bot_user_agents.iter().any(|s| s.trim().is_empty()) {
+            problems.push(Problem::new(format!("{field}.bot_user_agents"), "must not hold empty strings"));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut bot_needles: Vec<String> = KNOWN_BOTS.iter().map(|s| s.to_string()).collect();
+        bot_needles.extend(cfg.bot_user_agents.iter().map(|s| s.trim().to_ascii_lowercase()));
+        Ok(PrivacyPolicy {
+            cfg: cfg.clone(),
+            bot_needles,
+        })
+    }
+
+    /// Runs for every accepted postback: reads the signals in `headers`.
+    pub fn assess(&self, headers: &HeaderMap) -> Assessment {
+        let header_is_1 = |name: &str| headers.get(name).is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
+        let cookie = |name: &str| {
+            cookie::find(headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()), name)
+        };
+        let opted_out = (self.cfg.honor_dnt && header_is_1("dnt"))
+            || (self.cfg.honor_gpc && header_is_1("sec-gpc"))
+            || self.cfg.opt_out_cookie.as_deref().and_then(cookie).is_some_and(truthy);
+        let consent = match self.cfg.consent_cookie.as_deref() {
+            None => true,
+            Some(name) => cookie(name).is_some_and(truthy),
+        };
+        let bot = if self.cfg.bots == BotAction::Off {
+            None
+        } else if is_prefetch(headers) {
+            Some(("prefetch", self.cfg.bots))
+        } else if self.is_bot_agent(headers) {
+            Some(("user_agent", self.cfg.bots))
+        } else {
+            None
+        };
+        Assessment {
+            opted_out: opted_out.then_some(self.cfg.opted_out),
+            identifiers_allowed: consent && !opted_out,
+            bot,
+            anonymize_ip: self.cfg.anonymize_ip,
+        }
+    }
+
+    fn is_bot_agent(&self, headers: &HeaderMap) -> bool {
+        let Some(ua) = headers.get(header::USER_AGENT) else {
+            return false;
+        };
+        let ua = String::from_utf8_lossy(ua.as_bytes()).to_ascii_lowercase();
+        self.bot_needles.iter().any(|needle| ua.contains(needle.as_str()))
+    }
+}
+
+/// `Purpose: prefetch`, `Sec-Purpose: prefetch` (also `prefetch;prerender`), `X-Moz: prefetch`,
+/// `X-Purpose: preview`.
+fn is_prefetch(headers: &HeaderMap) -> bool {
+    ["purpose", "sec-purpose", "x-purpose", "x-moz"].iter().any(|name| {
+        headers.get(*name).is_some_and(|v| {
+            let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+            v.contains("prefetch") || v.contains("preview") || v.contains("prerender")
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(yaml: &str) -> PrivacyPolicy {
+        let cfg: PrivacyConfig = serde_saphyr::from_str(yaml).unwrap();
+        PrivacyPolicy::from_config(&cfg, "postback.privacy").unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn defaults_honour_gpc_not_dnt() {
+        let p = policy("{}");
+        assert_eq!(p.assess(&headers(&[("sec-gpc", "1")])).opted_out, Some(OptOutAction::Strip));
+        assert_eq!(p.assess(&headers(&[("dnt", "1")])).opted_out, None);
+        let a = p.assess(&headers(&[]));
+        assert!(a.identifiers_allowed);
+        assert_eq!(a.bot, None);
+    }
+
+    #[test]
+    fn opt_out_cookie_and_consent() {
+        let p = policy("{opt_out_cookie: td_optout, consent_cookie: consent, honor_dnt: true, opted_out: drop}");
+        assert_eq!(
+            p.assess(&headers(&[("cookie", "td_optout=1; consent=yes")])).opted_out,
+            Some(OptOutAction::Drop)
+        );
+        assert_eq!(p.assess(&headers(&[("cookie", "td_optout=0; consent=yes")])).opted_out, None);
+        assert!(p.assess(&headers(&[("cookie", "consent=yes")])).identifiers_allowed);
+        assert!(!p.assess(&headers(&[("cookie", "consent=false")])).identifiers_allowed);
+        assert!(!p.assess(&headers(&[])).identifiers_allowed);
+        assert_eq!(p.assess(&headers(&[("dnt", "1")])).opted_out, Some(OptOutAction::Drop));
+    }
+
+    #[test]
+    fn bots_and_prefetch() {
+        let p = policy("{bot_user_agents: [MyMonitor]}");
+        let ua = |s: &str| p.assess(&headers(&[("user-agent", s)])).bot;
+        assert_eq!(ua("Mozilla/5.0 (compatible; Googlebot/2.1)"), Some(("user_agent", BotAction::Flag)));
+        assert_eq!(ua("facebookexternalhit/1.1"), Some(("user_agent", BotAction::Flag)));
+        assert_eq!(ua("mymonitor 2.0"), Some(("user_agent", BotAction::Flag)));
+        assert_eq!(ua("Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0"), None);
+        assert_eq!(
+            p.assess(&headers(&[("sec-purpose", "prefetch;prerender")])).bot,
+            Some(("prefetch", BotAction::Flag))
+        );
+        assert_eq!(policy("{bots: off}").assess(&headers(&[("purpose", "prefetch")])).bot, None);
+    }
+
+    #[test]
+    fn bad_cookie_names_are_problems() {
+        let cfg: PrivacyConfig = serde_saphyr::from_str("{consent_cookie: 'a=b'}").unwrap();
+        let err = PrivacyPolicy::from_config(&cfg, "routes[1].privacy").unwrap_err();
+        assert_eq!(err[0].field, "routes[1].privacy.consent_cookie");
+    }
+}

@@ -1,0 +1,515 @@
+//! The real `postback-proxy` binary, started with a configuration written into a temporary
+//! directory, listening on free loopback ports.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The main write key: databases `web`, `ads_*`.
+pub const KEY: &str = "1/0123456789abcdef0123456789abcdef";
+/// A key for the database `other` only.
+pub const OTHER_KEY: &str = "2/fedcba9876543210";
+/// A key configured only by its SHA-256 (`key_sha256`), databases `hashed`.
+pub const HASHED_KEY: &str = "3/only-the-digest-is-in-the-file";
+
+/// The path of the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_postback-proxy")
+}
+
+/// What goes into the configuration file. `Settings::new(origin.peer())` is the usual harness
+/// configuration; change fields before [`Proxy::start_with`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `upstream.peers`.
+    pub upstream: Vec<String>,
+    /// `postback.client_ip.trusted_proxies`.
+    pub trusted_proxies: Vec<String>,
+    pub max_url_bytes: String,
+    pub max_body_bytes: String,
+    pub max_columns: usize,
+    /// The file sink's path; `None`: `<tempdir>/events.jsonl`.
+    pub sink_path: Option<PathBuf>,
+    /// `delivery.queue_records`.
+    pub queue_records: usize,
+    /// `delivery.when_full`.
+    pub when_full: String,
+    /// `delivery.batch.max_wait`.
+    pub batch_max_wait: String,
+    /// `delivery.batch.max_records`.
+    pub batch_max_records: usize,
+    /// `delivery.buffer`: `memory` or `disk`.
+    pub buffer: String,
+    /// Extra lines for the `postback:` section (indented by two spaces each).
+    pub postback_extra: Vec<String>,
+}
+
+impl Settings {
+    /// The harness configuration with `upstream` as the only peer.
+    pub fn new(upstream: impl Into<String>) -> Settings {
+        Settings {
+            upstream: vec![upstream.into()],
+            trusted_proxies: vec!["127.0.0.1/32".into()],
+            max_url_bytes: "4KiB".into(),
+            max_body_bytes: "64KiB".into(),
+            max_columns: 20,
+            sink_path: None,
+            queue_records: 10_000,
+            when_full: "reject".into(),
+            batch_max_wait: "10ms".into(),
+            batch_max_records: 100,
+            buffer: "memory".into(),
+            postback_extra: Vec::new(),
+        }
+    }
+
+    /// The YAML text of the configuration.
+    pub fn yaml(&self, dir: &Path, port: u16, admin_port: u16) -> String {
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let sink = self
+            .sink_path
+            .clone()
+            .unwrap_or_else(|| dir.join("events.jsonl"));
+        let hashed = hex::encode(Sha256::digest(HASHED_KEY.as_bytes()));
+        let extra: String = self
+            .postback_extra
+            .iter()
+            .map(|l| format!("  {l}\n"))
+            .collect();
+        format!(
+            r#"server:
+  threads: 2
+  grace_period_seconds: 1
+  graceful_shutdown_timeout_seconds: 2
+  upgrade_sock: {dir}/upgrade.sock
+  pid_file: {dir}/proxy.pid
+
+listen:
+  - address: 127.0.0.1:{port}
+
+admin:
+  address: 127.0.0.1:{admin_port}
+
+upstream:
+  peers: [{upstream}]
+  connect_timeout: 2s
+  read_timeout: 20s
+
+routes:
+  - path: /postback/v3/event/{{database}}/{{table}}
+    sink: main
+  - path: /px/{{table}}.gif
+    database: web
+    default_format: pixel
+    sink: main
+  - path: /td/{{database}}/{{table}}
+    sink: main
+
+auth:
+  write_keys:
+    - key: "{KEY}"
+      databases: ["web", "ads_*"]
+    - key: "{OTHER_KEY}"
+      databases: ["other"]
+    - key_sha256: "{hashed}"
+      databases: ["hashed"]
+
+postback:
+  max_url_bytes: {max_url}
+  max_body_bytes: {max_body}
+  max_columns: {max_columns}
+  redirect:
+    allowed_hosts: ["example.com", "*.example.com"]
+  cors:
+    allowed_origins: ["https://www.example.com"]
+  client_ip:
+    trusted_proxies: [{trusted}]
+{extra}
+sinks:
+  main:
+    type: file
+    path: {sink}
+
+delivery:
+  buffer: {buffer}
+  dir: {dir}/buffer
+  queue_records: {queue}
+  when_full: {when_full}
+  batch: {{ max_records: {batch_records}, max_wait: {max_wait} }}
+  retry: {{ initial: 50ms, max: 500ms }}
+"#,
+            dir = dir.display(),
+            upstream = list(&self.upstream),
+            trusted = list(&self.trusted_proxies),
+            max_url = self.max_url_bytes,
+            max_body = self.max_body_bytes,
+            max_columns = self.max_columns,
+            sink = sink.display(),
+            queue = self.queue_records,
+            when_full = self.when_full,
+            batch_records = self.batch_max_records,
+            max_wait = self.batch_max_wait,
+            buffer = self.buffer,
+        )
+    }
+}
+
+/// A port that nothing listens on right now, outside the kernel's ephemeral range (so origins
+/// and clients, which bind port 0, do not take it in the meantime).
+pub fn free_port() -> u16 {
+    for _ in 0..200 {
+        let port = fastrand::u16(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+/// A loopback port with nothing listening on it (bound, then released).
+pub fn closed_port() -> u16 {
+    free_port()
+}
+
+/// `true` when process `pid` holds the socket listening on `127.0.0.1:port` (Linux `/proc`), so
+/// we are talking to our own proxy, not to another test's.
+fn owns_listener(pid: u32, port: u16) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        // Not Linux: fall back to trusting the connect.
+        return true;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path()).is_ok_and(|target| {
+            let t = target.to_string_lossy();
+            inodes.iter().any(|i| t == format!("socket:[{i}]"))
+        })
+    })
+}
+
+/// A running proxy; killed when dropped.
+pub struct Proxy {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    /// 0 when the configuration has no admin listener.
+    pub admin_port: u16,
+    /// The file sink's path.
+    pub events: PathBuf,
+    pub config_path: PathBuf,
+    child: Child,
+    exited: Option<ExitStatus>,
+}
+
+impl Proxy {
+    /// The harness configuration in front of `upstream` (`host:port`).
+    pub fn start(upstream: impl Into<String>) -> Proxy {
+        Proxy::start_with(Settings::new(upstream))
+    }
+
+    /// Writes the configuration, starts the binary and waits until it listens.
+    pub fn start_with(settings: Settings) -> Proxy {
+        Proxy::start_in(None, settings)
+    }
+
+    /// Like [`Proxy::start_with`], in `dir` (from [`Proxy::take_dir`]) when given: the same
+    /// sink file and buffer directory as an earlier run.
+    pub fn start_in(dir: Option<tempfile::TempDir>, settings: Settings) -> Proxy {
+        let sink = settings.sink_path.clone();
+        Proxy::start_yaml_in(
+            dir,
+            |dir, port, admin_port| settings.yaml(dir, port, admin_port.unwrap()),
+            true,
+            |dir| sink.clone().unwrap_or_else(|| dir.join("events.jsonl")),
+        )
+    }
+
+    /// Starts the binary with the configuration `yaml(dir, port, admin_port)` (the admin port is
+    /// `Some` when `admin` is set), in `dir` as its working directory. `events(dir)` is where
+    /// the file sink writes. Retries with other ports if another process took one.
+    pub fn start_yaml(
+        yaml: impl Fn(&Path, u16, Option<u16>) -> String,
+        admin: bool,
+        events: impl Fn(&Path) -> PathBuf,
+    ) -> Proxy {
+        Proxy::start_yaml_in(None, yaml, admin, events)
+    }
+
+    fn start_yaml_in(
+        existing: Option<tempfile::TempDir>,
+        yaml: impl Fn(&Path, u16, Option<u16>) -> String,
+        admin: bool,
+        events: impl Fn(&Path) -> PathBuf,
+    ) -> Proxy {
+        let reuse = existing.is_some();
+        let mut slot = existing;
+        let mut last_err = String::new();
+        for _attempt in 0..5 {
+            let dir = match slot.take() {
+                Some(dir) => dir,
+                None => tempfile::tempdir().expect("tempdir"),
+            };
+            let port = free_port();
+            let mut admin_port = free_port();
+            while admin_port == port {
+                admin_port = free_port();
+            }
+            let config_path = dir.path().join("postback-proxy.yaml");
+            fs::write(
+                &config_path,
+                yaml(dir.path(), port, admin.then_some(admin_port)),
+            )
+            .unwrap();
+            let events = events(dir.path());
+            let log = |name: &str| {
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join(name))
+                    .unwrap()
+            };
+            let (stderr, stdout) = (log("stderr.log"), log("stdout.log"));
+            let child = Command::new(binary())
+                .arg("-c")
+                .arg(&config_path)
+                .current_dir(dir.path())
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn postback-proxy");
+            let mut proxy = Proxy {
+                dir,
+                port,
+                admin_port: if admin { admin_port } else { 0 },
+                events,
+                config_path,
+                child,
+                exited: None,
+            };
+            match proxy.wait_listening() {
+                Ok(()) => return proxy,
+                Err(e) => last_err = e,
+            }
+            // Kill it and try again with other ports.
+            proxy.kill();
+            if reuse {
+                slot = Some(proxy.take_dir());
+            }
+        }
+        panic!("the proxy did not start: {last_err}");
+    }
+
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let pid = self.child.id();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.exited = Some(status);
+                return Err(format!(
+                    "exited with {status} before listening; stderr:\n{}",
+                    self.stderr()
+                ));
+            }
+            let ready = |port: u16| {
+                owns_listener(pid, port)
+                    && TcpStream::connect_timeout(
+                        &SocketAddr::from(([127, 0, 0, 1], port)),
+                        Duration::from_secs(1),
+                    )
+                    .is_ok()
+            };
+            if ready(self.port) && (self.admin_port == 0 || ready(self.admin_port)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "not listening on {} after 20 s; stderr:\n{}",
+                    self.port,
+                    self.stderr()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `127.0.0.1:PORT` of the proxy listener.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `http://127.0.0.1:ADMIN_PORT{path}`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// The proxy's stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// The records in the file sink right now (whole lines only).
+    pub fn lines(&self) -> Vec<Value> {
+        let text = fs::read_to_string(&self.events).unwrap_or_default();
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        complete
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("the sink holds a line that is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    /// Waits (up to 10 s) until the sink holds at least `n` records, and returns all of them.
+    pub fn records(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.lines();
+            if lines.len() >= n {
+                return lines;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "expected {n} records in {}, found {}: {lines:#?}\nstderr:\n{}",
+                    self.events.display(),
+                    lines.len(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends one good postback (database `web`, table `zz_marker`), waits until it is in the sink
+    /// and returns every record before it, other than markers. As records are written in the
+    /// order they were accepted, a refused request that nevertheless queued a record would show
+    /// up here.
+    pub async fn records_until_marker(&self) -> Vec<Value> {
+        let marker = format!("m{}", fastrand::u64(..));
+        let url = self.url(&format!(
+            "/postback/v3/event/web/zz_marker?td_write_key={KEY}&marker={marker}"
+        ));
+        let resp = super::client()
+            .get(url)
+            .send()
+            .await
+            .expect("marker request");
+        assert_eq!(resp.status(), 200, "the marker postback was refused");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = self.lines();
+            if let Some(pos) = lines
+                .iter()
+                .position(|r| r["record"]["marker"] == marker.as_str())
+            {
+                return lines[..pos]
+                    .iter()
+                    .filter(|r| r["table"] != "zz_marker")
+                    .cloned()
+                    .collect();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the marker record never reached the sink; records: {lines:#?}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// The temporary directory (configuration, sink file, buffer), to start another proxy in it
+    /// with [`Proxy::start_in`]. Call after the process exited.
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
+        assert!(self.exited.is_some(), "take_dir on a running proxy");
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.child.id());
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Waits up to `limit` for the process to exit; panics (with stderr) if it does not.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        if let Some(s) = self.exited {
+            return s;
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.exited = Some(status);
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "the proxy did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
