@@ -140,7 +140,8 @@ impl Postback {
         let client_ip = ClientIpPolicy::from_config(&cfg.client_ip).map_err(|p| problems.extend(p));
         let cookie = GlobalIdCookie::from_config(&cfg.global_id).map_err(|p| problems.extend(p));
         let redirect = RedirectPolicy::from_config(&cfg.redirect).map_err(|p| problems.extend(p));
-        let privacy = PrivacyPolicy::from_config(&cfg.privacy, "postback.privacy").map_err(|p| problems.extend(p));
+        let privacy = PrivacyPolicy::from_config(&cfg.privacy, "postback.privacy")
+            .map_err(|p| problems.extend(p));
         let CorsConfig { allowed_origins } = &cfg.cors;
         for (i, origin) in allowed_origins.iter().enumerate() {
             if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
@@ -151,7 +152,10 @@ impl Postback {
             }
         }
         if cfg.rate_limit.per_second == Some(0) {
-            problems.push(Problem::new("postback.rate_limit.per_second", "must be at least 1"));
+            problems.push(Problem::new(
+                "postback.rate_limit.per_second",
+                "must be at least 1",
+            ));
         }
         if cfg.max_columns == 0 {
             problems.push(Problem::new("postback.max_columns", "must be at least 1"));
@@ -477,8 +481,15 @@ impl Placeholders<'_> {
             return String::new();
         };
         let policy = &self.postback.client_ip;
-        let xff = self.req.headers.get_all("x-forwarded-for").iter().map(|v| v.as_bytes());
-        policy.recorded(policy.client_ip(peer, xff), self.anonymize).to_string()
+        let xff = self
+            .req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes());
+        policy
+            .recorded(policy.client_ip(peer, xff), self.anonymize)
+            .to_string()
     }
 }
 
@@ -819,7 +830,12 @@ mod tests {
     #[test]
     fn bots_are_flagged_or_dropped_and_ip_anonymized_per_route() {
         let p = postback("");
-        let o = get(&p, "td_write_key=KEY&a=1", &[("user-agent", "Googlebot/2.1")]).unwrap();
+        let o = get(
+            &p,
+            "td_write_key=KEY&a=1",
+            &[("user-agent", "Googlebot/2.1")],
+        )
+        .unwrap();
         assert_eq!(o.records[0].body.columns["td_bot"], "user_agent");
         let o = get(&p, "td_write_key=KEY&a=1", &[("purpose", "prefetch")]).unwrap();
         assert_eq!(o.records[0].body.columns["td_bot"], "prefetch");

@@ -76,11 +76,37 @@ impl Default for PrivacyConfig {
 /// User-Agent substrings (lower case) of well-known robots, crawlers, link previewers and
 /// headless browsers.
 const KNOWN_BOTS: &[&str] = &[
-    "bot", "crawler", "spider", "slurp", "crawl", "headlesschrome", "phantomjs", "facebookexternalhit",
-    "embedly", "quora link preview", "whatsapp", "skypeuripreview", "bingpreview", "mediapartners-google",
-    "adsbot-google", "apis-google", "feedfetcher", "python-requests", "python-urllib", "go-http-client",
-    "java/", "okhttp", "libwww-perl", "wget", "scrapy", "httpclient", "lighthouse", "pingdom",
-    "uptimerobot", "statuscake", "gtmetrix",
+    "bot",
+    "crawler",
+    "spider",
+    "slurp",
+    "crawl",
+    "headlesschrome",
+    "phantomjs",
+    "facebookexternalhit",
+    "embedly",
+    "quora link preview",
+    "whatsapp",
+    "skypeuripreview",
+    "bingpreview",
+    "mediapartners-google",
+    "adsbot-google",
+    "apis-google",
+    "feedfetcher",
+    "python-requests",
+    "python-urllib",
+    "go-http-client",
+    "java/",
+    "okhttp",
+    "libwww-perl",
+    "wget",
+    "scrapy",
+    "httpclient",
+    "lighthouse",
+    "pingdom",
+    "uptimerobot",
+    "statuscake",
+    "gtmetrix",
 ];
 
 /// The compiled rules.
@@ -111,19 +137,35 @@ impl PrivacyPolicy {
     /// Compiles `cfg`; problems are reported under `field`.
     pub fn from_config(cfg: &PrivacyConfig, field: &str) -> Result<PrivacyPolicy, Vec<Problem>> {
         let mut problems = Vec::new();
-        for (name, value) in [("opt_out_cookie", &cfg.opt_out_cookie), ("consent_cookie", &cfg.consent_cookie)] {
-            if value.as_deref().is_some_and(|v| v.is_empty() || v.contains([';', '=', ' ', ','])) {
-                problems.push(Problem::new(format!("{field}.{name}"), "must be a cookie name"));
+        for (name, value) in [
+            ("opt_out_cookie", &cfg.opt_out_cookie),
+            ("consent_cookie", &cfg.consent_cookie),
+        ] {
+            if value
+                .as_deref()
+                .is_some_and(|v| v.is_empty() || v.contains([';', '=', ' ', ',']))
+            {
+                problems.push(Problem::new(
+                    format!("{field}.{name}"),
+                    "must be a cookie name",
+                ));
             }
         }
         if cfg.bot_user_agents.iter().any(|s| s.trim().is_empty()) {
-            problems.push(Problem::new(format!("{field}.bot_user_agents"), "must not hold empty strings"));
+            problems.push(Problem::new(
+                format!("{field}.bot_user_agents"),
+                "must not hold empty strings",
+            ));
         }
         if !problems.is_empty() {
             return Err(problems);
         }
         let mut bot_needles: Vec<String> = KNOWN_BOTS.iter().map(|s| s.to_string()).collect();
-        bot_needles.extend(cfg.bot_user_agents.iter().map(|s| s.trim().to_ascii_lowercase()));
+        bot_needles.extend(
+            cfg.bot_user_agents
+                .iter()
+                .map(|s| s.trim().to_ascii_lowercase()),
+        );
         Ok(PrivacyPolicy {
             cfg: cfg.clone(),
             bot_needles,
@@ -132,13 +174,25 @@ impl PrivacyPolicy {
 
     /// Runs for every accepted postback: reads the signals in `headers`.
     pub fn assess(&self, headers: &HeaderMap) -> Assessment {
-        let header_is_1 = |name: &str| headers.get(name).is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
+        let header_is_1 = |name: &str| {
+            headers
+                .get(name)
+                .is_some_and(|v| v.as_bytes().trim_ascii() == b"1")
+        };
         let cookie = |name: &str| {
-            cookie::find(headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()), name)
+            cookie::find(
+                headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+                name,
+            )
         };
         let opted_out = (self.cfg.honor_dnt && header_is_1("dnt"))
             || (self.cfg.honor_gpc && header_is_1("sec-gpc"))
-            || self.cfg.opt_out_cookie.as_deref().and_then(cookie).is_some_and(truthy);
+            || self
+                .cfg
+                .opt_out_cookie
+                .as_deref()
+                .and_then(cookie)
+                .is_some_and(truthy);
         let consent = match self.cfg.consent_cookie.as_deref() {
             None => true,
             Some(name) => cookie(name).is_some_and(truthy),
@@ -165,19 +219,23 @@ impl PrivacyPolicy {
             return false;
         };
         let ua = String::from_utf8_lossy(ua.as_bytes()).to_ascii_lowercase();
-        self.bot_needles.iter().any(|needle| ua.contains(needle.as_str()))
+        self.bot_needles
+            .iter()
+            .any(|needle| ua.contains(needle.as_str()))
     }
 }
 
 /// `Purpose: prefetch`, `Sec-Purpose: prefetch` (also `prefetch;prerender`), `X-Moz: prefetch`,
 /// `X-Purpose: preview`.
 fn is_prefetch(headers: &HeaderMap) -> bool {
-    ["purpose", "sec-purpose", "x-purpose", "x-moz"].iter().any(|name| {
-        headers.get(*name).is_some_and(|v| {
-            let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
-            v.contains("prefetch") || v.contains("preview") || v.contains("prerender")
+    ["purpose", "sec-purpose", "x-purpose", "x-moz"]
+        .iter()
+        .any(|name| {
+            headers.get(*name).is_some_and(|v| {
+                let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+                v.contains("prefetch") || v.contains("preview") || v.contains("prerender")
+            })
         })
-    })
 }
 
 #[cfg(test)]
@@ -200,7 +258,10 @@ mod tests {
     #[test]
     fn defaults_honour_gpc_not_dnt() {
         let p = policy("{}");
-        assert_eq!(p.assess(&headers(&[("sec-gpc", "1")])).opted_out, Some(OptOutAction::Strip));
+        assert_eq!(
+            p.assess(&headers(&[("sec-gpc", "1")])).opted_out,
+            Some(OptOutAction::Strip)
+        );
         assert_eq!(p.assess(&headers(&[("dnt", "1")])).opted_out, None);
         let a = p.assess(&headers(&[]));
         assert!(a.identifiers_allowed);
@@ -211,29 +272,55 @@ mod tests {
     fn opt_out_cookie_and_consent() {
         let p = policy("{opt_out_cookie: td_optout, consent_cookie: consent, honor_dnt: true, opted_out: drop}");
         assert_eq!(
-            p.assess(&headers(&[("cookie", "td_optout=1; consent=yes")])).opted_out,
+            p.assess(&headers(&[("cookie", "td_optout=1; consent=yes")]))
+                .opted_out,
             Some(OptOutAction::Drop)
         );
-        assert_eq!(p.assess(&headers(&[("cookie", "td_optout=0; consent=yes")])).opted_out, None);
-        assert!(p.assess(&headers(&[("cookie", "consent=yes")])).identifiers_allowed);
-        assert!(!p.assess(&headers(&[("cookie", "consent=false")])).identifiers_allowed);
+        assert_eq!(
+            p.assess(&headers(&[("cookie", "td_optout=0; consent=yes")]))
+                .opted_out,
+            None
+        );
+        assert!(
+            p.assess(&headers(&[("cookie", "consent=yes")]))
+                .identifiers_allowed
+        );
+        assert!(
+            !p.assess(&headers(&[("cookie", "consent=false")]))
+                .identifiers_allowed
+        );
         assert!(!p.assess(&headers(&[])).identifiers_allowed);
-        assert_eq!(p.assess(&headers(&[("dnt", "1")])).opted_out, Some(OptOutAction::Drop));
+        assert_eq!(
+            p.assess(&headers(&[("dnt", "1")])).opted_out,
+            Some(OptOutAction::Drop)
+        );
     }
 
     #[test]
     fn bots_and_prefetch() {
         let p = policy("{bot_user_agents: [MyMonitor]}");
         let ua = |s: &str| p.assess(&headers(&[("user-agent", s)])).bot;
-        assert_eq!(ua("Mozilla/5.0 (compatible; Googlebot/2.1)"), Some(("user_agent", BotAction::Flag)));
-        assert_eq!(ua("facebookexternalhit/1.1"), Some(("user_agent", BotAction::Flag)));
+        assert_eq!(
+            ua("Mozilla/5.0 (compatible; Googlebot/2.1)"),
+            Some(("user_agent", BotAction::Flag))
+        );
+        assert_eq!(
+            ua("facebookexternalhit/1.1"),
+            Some(("user_agent", BotAction::Flag))
+        );
         assert_eq!(ua("mymonitor 2.0"), Some(("user_agent", BotAction::Flag)));
         assert_eq!(ua("Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0"), None);
         assert_eq!(
-            p.assess(&headers(&[("sec-purpose", "prefetch;prerender")])).bot,
+            p.assess(&headers(&[("sec-purpose", "prefetch;prerender")]))
+                .bot,
             Some(("prefetch", BotAction::Flag))
         );
-        assert_eq!(policy("{bots: off}").assess(&headers(&[("purpose", "prefetch")])).bot, None);
+        assert_eq!(
+            policy("{bots: off}")
+                .assess(&headers(&[("purpose", "prefetch")]))
+                .bot,
+            None
+        );
     }
 
     #[test]

@@ -263,3 +263,35 @@ async fn without_write_keys_every_postback_is_refused() {
     }
     assert!(proxy.lines().is_empty());
 }
+
+#[tokio::test]
+async fn admin_listener_answers_health_readiness_and_metrics() {
+    let origin = Origin::start();
+    let proxy = Proxy::start(origin.peer());
+    let r = get(&proxy.admin_url("/healthz"), &[]).await;
+    assert_eq!(r.status, 200);
+    let r = get(&proxy.admin_url("/readyz"), &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.text());
+    let r = get(
+        &proxy.url(&format!("/postback/v3/event/web/m?td_write_key={KEY}")),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    get(&proxy.url("/passthrough"), &[]).await;
+    proxy.records(1);
+    let metrics = get(&proxy.admin_url("/metrics"), &[]).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.text();
+    for name in [
+        "postback_requests_total{",
+        "postback_records_total{",
+        "delivery_queue_records",
+        "upstream_responses_total{",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
+    }
+    // The admin endpoints are not on the public listener.
+    let r = get(&proxy.url("/metrics"), &[]).await;
+    assert_eq!(r.header("x-origin").as_deref(), Some("yes"));
+}

@@ -314,7 +314,7 @@ async fn post_json_object_keeps_nested_values_as_json_text() {
     let origin = Origin::start();
     let proxy = Proxy::start(origin.peer());
     let before = now();
-    let body = r#"{"page":"/a","n":3,"f":1.5,"ok":true,"nested":{"x":[1,"y"]},"list":[1,2],"s":"he said \"hi\"\n"}"#;
+    let body = r#"{"page":"/a","n":3,"f":1.5,"ok":true,"nested":{"x":[1,"y"]},"list":[1,2],"s":"he said \"hi\"\n","we\"ird\u0001":"\u0000<\/script>","td_write_key":"body-key-never-a-column"}"#;
     let r = send(
         client()
             .post(proxy.url(&format!("{EV}/web/json_events")))
@@ -330,6 +330,13 @@ async fn post_json_object_keeps_nested_values_as_json_text() {
     let records = proxy.records_until_marker().await;
     assert_shape(&records);
     assert_eq!(records.len(), 1, "{records:#?}");
+    // Control characters and quotes are escaped in the line itself.
+    let raw = std::fs::read_to_string(&proxy.events).unwrap();
+    assert!(
+        raw.contains(r#""we\"ird\u0001":"\u0000</script>""#),
+        "raw line: {raw}"
+    );
+    assert!(!raw.contains("body-key-never-a-column"), "raw line: {raw}");
     let t = time_of(&records[0], before, now());
     assert_eq!(
         records[0],
@@ -345,6 +352,7 @@ async fn post_json_object_keeps_nested_values_as_json_text() {
                 ("nested", r#"{"x":[1,"y"]}"#),
                 ("list", "[1,2]"),
                 ("s", "he said \"hi\"\n"),
+                ("we\"ird\u{1}", "\u{0}</script>"),
             ]
         )
     );
@@ -663,6 +671,11 @@ async fn bad_td_format_and_bad_encoding_are_400() {
     ] {
         let r = get(&proxy.url(&format!("{EV}/web/enc?{query}")), &[]).await;
         assert_error(&r, 400, "bad_request");
+        assert!(
+            !r.text().contains(KEY),
+            "the answer echoes the key: {}",
+            r.text()
+        );
     }
     // A key that is not UTF-8 is refused without being echoed.
     let r = get(
@@ -1071,6 +1084,87 @@ async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
     let records = proxy.records_until_marker().await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["record"]["td_ip"], "127.0.0.1");
+}
+
+#[tokio::test]
+async fn anonymize_zeroes_the_last_octet() {
+    let origin = Origin::start();
+    let mut settings = Settings::new(origin.peer());
+    settings.anonymize = true;
+    let proxy = Proxy::start_with(settings);
+    for (i, xff) in ["203.0.113.77", ""].iter().enumerate() {
+        let mut req =
+            client().get(proxy.url(&format!("{EV}/web/anon?{}&i={i}&td_ip=td_ip", key_q())));
+        if !xff.is_empty() {
+            req = req.header("x-forwarded-for", *xff);
+        }
+        assert_json_ok(&send(req).await);
+    }
+    let records = proxy.records_until_marker().await;
+    let ips: Vec<&Value> = records.iter().map(|r| &r["record"]["td_ip"]).collect();
+    assert_eq!(ips, ["203.0.113.0", "127.0.0.0"], "{records:#?}");
+}
+
+#[tokio::test]
+async fn global_id_cookie_and_time_window_settings() {
+    let origin = Origin::start();
+    let mut settings = Settings::new(origin.peer());
+    settings.postback_extra = vec![
+        "global_id: { cookie: vid, max_age: 1d, domain: .example.com, same_site: Strict }".into(),
+        "record_time_window: { past: 1h, future: 1m }".into(),
+    ];
+    let proxy = Proxy::start_with(settings);
+    let base = now();
+    let r = get(
+        &proxy.url(&format!(
+            "{EV}/web/gid?{}&n=1&td_global_id=td_global_id&td_record_time={}",
+            key_q(),
+            base - 2 * 3600
+        )),
+        &[("cookie", "_td_global=not-this-one")],
+    )
+    .await;
+    assert_json_ok(&r);
+    let sc = r.header_all("set-cookie");
+    assert_eq!(sc.len(), 1, "{sc:?}");
+    let (pair, attrs) = sc[0].split_once(';').unwrap();
+    let id = pair
+        .strip_prefix("vid=")
+        .expect("the cookie is named `vid`");
+    assert_uuid_v4(id);
+    assert_eq!(
+        attrs.trim(),
+        "Max-Age=86400; Path=/; Domain=.example.com; SameSite=Strict; HttpOnly"
+    );
+    let r = get(
+        &proxy.url(&format!(
+            "{EV}/web/gid?{}&n=2&td_global_id=td_global_id&td_record_time={}",
+            key_q(),
+            base - 1800
+        )),
+        &[("cookie", "vid=known-visitor")],
+    )
+    .await;
+    assert_json_ok(&r);
+    assert!(r.header_all("set-cookie").is_empty());
+
+    let records = proxy.records_until_marker().await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    // Two hours back is outside `past: 1h`: the receive time is used.
+    let t0 = time_of(&records[0], base, now());
+    assert_eq!(
+        records[0],
+        record("web", "gid", t0, &[("n", "1"), ("td_global_id", id)])
+    );
+    assert_eq!(
+        records[1],
+        record(
+            "web",
+            "gid",
+            base - 1800,
+            &[("n", "2"), ("td_global_id", "known-visitor")]
+        )
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

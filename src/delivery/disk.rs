@@ -13,11 +13,12 @@
 //! and wakes every request of that group at once. The reader only ever reads up to the committed
 //! end, and the checkpoint moves only after the sink confirmed a batch.
 
+use std::fs::TryLockError;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -130,6 +131,8 @@ impl Group {
 struct WriteState {
     pending: Group,
     closed: bool,
+    /// Set when this process has just become the owner: move to a new segment first.
+    takeover: bool,
     /// The end of what is written: the reader reads up to here.
     end: Position,
 }
@@ -159,6 +162,10 @@ pub struct DiskLog {
     arrived: Notify,
     /// Bytes appended and not yet delivered, plus those waiting in the pending group.
     spool_bytes: AtomicU64,
+    /// This process holds the buffer's lock: it reads, acknowledges and deletes. Another process
+    /// (the old one during an upgrade) may append to its own segments meanwhile.
+    owner: AtomicBool,
+    lock_file: File,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -192,52 +199,33 @@ impl DiskLog {
     ) -> std::io::Result<DiskLog> {
         let dir = dir.join(sink);
         std::fs::create_dir_all(&dir)?;
-        let mut segments: Vec<u64> = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                name.strip_suffix(".log")?.parse::<u64>().ok()
-            })
-            .collect();
-        segments.sort_unstable();
-        let checkpoint = read_checkpoint(&dir).unwrap_or(Position {
-            segment: segments.first().copied().unwrap_or(0),
-            offset: 0,
-        });
-        let mut spool = 0u64;
-        for &s in &segments {
-            let path = segment_path(&dir, s);
-            if s < checkpoint.segment {
-                std::fs::remove_file(&path)?;
-                continue;
-            }
-            let len = std::fs::metadata(&path)?.len();
-            spool += if s == checkpoint.segment {
-                len.saturating_sub(checkpoint.offset)
-            } else {
-                len
-            };
-        }
-        let live = segments
-            .last()
-            .copied()
-            .unwrap_or(0)
-            .max(checkpoint.segment)
-            + 1;
-        File::create(segment_path(&dir, live))?;
-        // Reading starts at the checkpoint, or at the first segment after it that still exists.
-        let start = if segments.contains(&checkpoint.segment) {
-            checkpoint
-        } else {
-            Position {
-                segment: segments
-                    .iter()
-                    .copied()
-                    .find(|s| *s > checkpoint.segment)
-                    .unwrap_or(live),
-                offset: 0,
-            }
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
+        let owner = match lock_file.try_lock() {
+            Ok(()) => true,
+            Err(TryLockError::WouldBlock) => false,
+            Err(TryLockError::Error(e)) => return Err(e),
         };
+        let (start, spool) = if owner {
+            recover(&dir)?
+        } else {
+            warn!(
+                "sink {sink}: the buffer in {} is in use by another process (an upgrade?); \
+                 appending to a new segment and delivering once that process exits",
+                dir.display()
+            );
+            (
+                Position {
+                    segment: 0,
+                    offset: 0,
+                },
+                0,
+            )
+        };
+        let live = create_segment(&dir, (max_segment(&dir)? + 1).max(start.segment))?;
         if spool > 0 {
             info!(
                 "sink {sink}: {spool} bytes from before the restart are waiting in {}",
@@ -257,6 +245,7 @@ impl DiskLog {
             write: Mutex::new(WriteState {
                 pending: Group::new(),
                 closed: false,
+                takeover: false,
                 end: Position {
                     segment: live,
                     offset: 0,
@@ -272,18 +261,56 @@ impl DiskLog {
             }),
             arrived: Notify::new(),
             spool_bytes: AtomicU64::new(spool),
+            owner: AtomicBool::new(owner),
+            lock_file,
             writer: Mutex::new(None),
         })
     }
 
-    /// Starts the group-commit writer thread; called once from [`super::Delivery::start`].
+    /// Starts the group-commit writer thread, and, when another process holds the buffer, a
+    /// thread that waits for it to exit; called once from [`super::Delivery::start`].
     pub fn start_writer(self: &Arc<Self>) -> std::io::Result<()> {
         let log = self.clone();
         let handle = std::thread::Builder::new()
             .name(format!("spool-{}", self.sink))
             .spawn(move || log.write_loop())?;
         *lock(&self.writer) = Some(handle);
+        if !self.owner.load(Ordering::SeqCst) {
+            let log = self.clone();
+            std::thread::Builder::new()
+                .name(format!("spool-lock-{}", self.sink))
+                .spawn(move || match log.lock_file.lock() {
+                    Ok(()) => log.take_over(),
+                    Err(e) => error!("sink {}: cannot lock the buffer: {e}", log.sink),
+                })?;
+        }
         Ok(())
+    }
+
+    /// The previous owner of the buffer exited: pick up its checkpoint and ask the writer to move
+    /// to a segment after all of its segments, then the reader starts.
+    fn take_over(&self) {
+        match recover(&self.dir) {
+            Ok((start, spool)) => {
+                {
+                    let mut read = lock(&self.read);
+                    read.at = start;
+                    read.chunk.clear();
+                    read.chunk_start = start.offset;
+                    read.consumed = 0;
+                }
+                let mut write = lock(&self.write);
+                let pending = write.pending.bytes.len() as u64;
+                self.spool_bytes.store(spool + pending, Ordering::SeqCst);
+                write.takeover = true;
+                self.writer_wake.notify_one();
+                info!(
+                    "sink {}: took over the buffer; delivering from {start:?}",
+                    self.sink
+                );
+            }
+            Err(e) => error!("sink {}: cannot take over the buffer: {e}", self.sink),
+        }
     }
 
     /// Appends `records`: returns once they are written to the log (and fsynced with
@@ -355,9 +382,15 @@ impl DiskLog {
         let mut dirty = false;
         let mut last_sync = Instant::now();
         loop {
+            let takeover = std::mem::take(&mut lock(&self.write).takeover);
+            if takeover {
+                file = self.rotate_after_all(file, &mut end);
+                self.owner.store(true, Ordering::SeqCst);
+                self.arrived.notify_one();
+            }
             let group = {
                 let mut state = lock(&self.write);
-                while state.pending.bytes.is_empty() && !state.closed {
+                while state.pending.bytes.is_empty() && !state.closed && !state.takeover {
                     let wait = match interval {
                         Some(i) if dirty => i.saturating_sub(last_sync.elapsed()),
                         _ => Duration::from_secs(3600),
@@ -445,28 +478,55 @@ impl DiskLog {
         }
     }
 
+    /// Moves appends to segment `end + 1`. If that file exists, another process (the newer one
+    /// during an upgrade) made it: keep appending to the current segment rather than write after
+    /// its segments.
     fn rotate(&self, file: Option<File>, end: &mut Position) -> Option<File> {
+        self.switch_segment(file, end, end.segment + 1, false)
+    }
+
+    /// Moves appends to a new segment after every existing one (on taking over the buffer).
+    fn rotate_after_all(&self, file: Option<File>, end: &mut Position) -> Option<File> {
+        let read_at = lock(&self.read).at.segment;
+        let next = (max_segment(&self.dir).unwrap_or(end.segment) + 1).max(read_at);
+        self.switch_segment(file, end, next, true)
+    }
+
+    fn switch_segment(
+        &self,
+        file: Option<File>,
+        end: &mut Position,
+        next: u64,
+        bump: bool,
+    ) -> Option<File> {
         if let Some(f) = &file {
             let _ = f.sync_data();
         }
-        let next = Position {
-            segment: end.segment + 1,
-            offset: 0,
+        let created = if bump {
+            create_segment(&self.dir, next)
+        } else {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(segment_path(&self.dir, next))
+                .map(|_| next)
         };
-        match OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(&self.dir, next.segment))
-        {
-            Ok(f) => {
-                *end = next;
-                lock(&self.write).end = next;
+        let opened = created.and_then(|seg| {
+            OpenOptions::new()
+                .append(true)
+                .open(segment_path(&self.dir, seg))
+                .map(|f| (seg, f))
+        });
+        match opened {
+            Ok((segment, f)) => {
+                *end = Position { segment, offset: 0 };
+                lock(&self.write).end = *end;
                 Some(f)
             }
             Err(e) => {
-                error!(
-                    "sink {}: cannot start a new segment, continuing in the old one: {e}",
-                    self.sink
+                warn!(
+                    "sink {}: not starting a new segment, continuing in {}: {e}",
+                    self.sink, end.segment
                 );
                 file
             }
@@ -476,6 +536,9 @@ impl DiskLog {
     /// Reads up to `max_records` records (about `max_bytes`) past what was already taken into
     /// `batch`. Called by the lane's writer only.
     pub fn take(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
+        if !self.owner.load(Ordering::SeqCst) {
+            return 0;
+        }
         let end = lock(&self.write).end;
         let mut read = lock(&self.read);
         let mut bytes = 0usize;
@@ -647,6 +710,78 @@ fn read_checkpoint(dir: &Path) -> Option<Position> {
     Some(Position { segment, offset })
 }
 
+/// The highest segment number in `dir` (0 when there is none).
+fn max_segment(dir: &Path) -> std::io::Result<u64> {
+    Ok(segments(dir)?.last().copied().unwrap_or(0))
+}
+
+/// The segment numbers in `dir`, in order.
+fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut segments: Vec<u64> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_suffix(".log")?.parse::<u64>().ok()
+        })
+        .collect();
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+/// Creates a new, empty segment numbered `at_least` or the next free number after it.
+fn create_segment(dir: &Path, at_least: u64) -> std::io::Result<u64> {
+    let mut n = at_least.max(1);
+    loop {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(segment_path(dir, n))
+        {
+            Ok(_) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// For the owner of the buffer: deletes the segments before the checkpoint and returns where
+/// reading starts and how many bytes wait from there on.
+fn recover(dir: &Path) -> std::io::Result<(Position, u64)> {
+    let segments = segments(dir)?;
+    let checkpoint = read_checkpoint(dir).unwrap_or(Position {
+        segment: segments.first().copied().unwrap_or(0),
+        offset: 0,
+    });
+    let mut spool = 0u64;
+    for &s in &segments {
+        let path = segment_path(dir, s);
+        if s < checkpoint.segment {
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        let len = std::fs::metadata(&path)?.len();
+        spool += if s == checkpoint.segment {
+            len.saturating_sub(checkpoint.offset)
+        } else {
+            len
+        };
+    }
+    // Reading starts at the checkpoint, or at the first segment after it that still exists.
+    let start = if segments.contains(&checkpoint.segment) {
+        checkpoint
+    } else {
+        Position {
+            segment: segments
+                .iter()
+                .copied()
+                .find(|s| *s > checkpoint.segment)
+                .unwrap_or(checkpoint.segment + 1),
+            offset: 0,
+        }
+    };
+    Ok((start, spool))
+}
+
 fn write_checkpoint(dir: &Path, at: Position) -> std::io::Result<()> {
     let tmp = dir.join("checkpoint.tmp");
     std::fs::write(&tmp, format!("{} {}\n", at.segment, at.offset))?;
@@ -786,6 +921,38 @@ mod tests {
         log.ack();
         assert!(count() <= 2, "delivered segments deleted");
         log.close();
+    }
+
+    #[tokio::test]
+    async fn a_second_process_appends_and_takes_over_when_the_first_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = open(dir.path(), 1 << 30);
+        old.push(vec![record(0), record(1)]).await.unwrap();
+        // The new process during an upgrade: the lock is held, so it appends but does not read.
+        let new = open(dir.path(), 1 << 30);
+        new.push(vec![record(2)]).await.unwrap();
+        assert_eq!(take_all(&new), Vec::<i64>::new());
+        old.push(vec![record(3)]).await.unwrap();
+        // The old one delivers part of its records, then exits.
+        let mut batch = Vec::new();
+        old.take(&mut batch, 1, 1 << 20);
+        old.ack();
+        old.close();
+        drop(old); // releases the lock
+        new.push(vec![record(4)]).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            got.extend(take_all(&new));
+            if got.len() >= 4 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        got.sort();
+        assert_eq!(got, vec![1, 2, 3, 4]);
+        new.ack();
+        assert_eq!(new.spool_bytes(), 0);
+        new.close();
     }
 
     #[tokio::test]

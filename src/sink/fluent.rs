@@ -411,7 +411,10 @@ mod tests {
         assert_eq!(render_tag("{table}-{table}", "d", "t"), "t-t");
         assert_eq!(render_tag("{x}.{table}", "d", "t"), "{x}.t");
         // A name that looks like a placeholder is not expanded again.
-        assert_eq!(render_tag("{database}.{table}", "{table}", "t"), "{table}.t");
+        assert_eq!(
+            render_tag("{database}.{table}", "{table}", "t"),
+            "{table}.t"
+        );
     }
 
     #[test]
@@ -579,7 +582,10 @@ mod tests {
 
     /// Runs `server` on one accepted connection at a time, for `connections` connections, and
     /// returns every message seen.
-    async fn server<F, Fut>(connections: usize, mut serve: F) -> (String, tokio::task::JoinHandle<()>)
+    async fn server<F, Fut>(
+        connections: usize,
+        mut serve: F,
+    ) -> (String, tokio::task::JoinHandle<()>)
     where
         F: FnMut(usize, TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
@@ -634,7 +640,9 @@ mod tests {
             let mut tags = Vec::new();
             while let Ok(V::Array(parts)) = seen_rx.try_recv() {
                 let V::Str(tag) = &parts[0] else { panic!() };
-                let V::Array(entries) = &parts[1] else { panic!() };
+                let V::Array(entries) = &parts[1] else {
+                    panic!()
+                };
                 tags.push((tag.clone(), entries.len()));
             }
             assert_eq!(

@@ -36,6 +36,8 @@ const MAX_LINGER: Duration = Duration::from_secs(900);
 /// How much longer than `timeout` a batch may wait for its delivery reports (librdkafka reports
 /// every message within `message.timeout.ms`; this only guards against a report that never comes).
 const REPORT_SLACK: Duration = Duration::from_secs(5);
+/// How long the check whether a topic exists waits for the brokers' answer.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest `close()` waits for the producer to flush.
 const MAX_CLOSE_FLUSH: Duration = Duration::from_secs(10);
 
@@ -165,7 +167,11 @@ fn client_config(cfg: &KafkaSinkConfig, with_properties: bool) -> ClientConfig {
         .set("linger.ms", millis_f64(cfg.linger.0))
         .set(
             "message.timeout.ms",
-            cfg.timeout.0.as_millis().clamp(1, i32::MAX as u128).to_string(),
+            cfg.timeout
+                .0
+                .as_millis()
+                .clamp(1, i32::MAX as u128)
+                .to_string(),
         );
     if matches!(cfg.acks.as_str(), "all" | "-1") {
         c.set("enable.idempotence", "true");
@@ -191,7 +197,9 @@ impl ClientContext for SinkContext {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => error!(target: "librdkafka", "sink {name}: {fac} {message}"),
+            | RDKafkaLogLevel::Error => {
+                error!(target: "librdkafka", "sink {name}: {fac} {message}")
+            }
             RDKafkaLogLevel::Warning => warn!(target: "librdkafka", "sink {name}: {fac} {message}"),
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 info!(target: "librdkafka", "sink {name}: {fac} {message}")
@@ -225,7 +233,20 @@ enum Outcome {
     /// sent with it in one request.
     Refused(String),
     /// Anything else: the batch is retried.
-    Failed { reason: String, missing_topic: bool },
+    Failed {
+        reason: String,
+        kind: Failure,
+    },
+}
+
+/// What kind of failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// The brokers say the topic does not exist.
+    MissingTopic,
+    /// No acknowledgement within `timeout` (brokers down, or a topic that does not exist).
+    TimedOut,
+    Other,
 }
 
 /// Error codes that refuse a message for its content. Kafka answers them for a whole produce
@@ -254,7 +275,8 @@ impl KafkaSink {
     /// Checks the configuration; problems are reported under `field`.
     pub fn validate(cfg: &KafkaSinkConfig, field: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
-        let mut problem = |f: &str, m: String| problems.push(Problem::new(format!("{field}.{f}"), m));
+        let mut problem =
+            |f: &str, m: String| problems.push(Problem::new(format!("{field}.{f}"), m));
         if cfg.brokers.is_empty() {
             problem("brokers", "must not be empty".into());
         }
@@ -392,23 +414,18 @@ impl KafkaSink {
     }
 
     /// Waits for the delivery report of one message.
-    async fn outcome(
-        &self,
-        topic: &str,
-        future: DeliveryFuture,
-        deadline: Instant,
-    ) -> Outcome {
+    async fn outcome(&self, topic: &str, future: DeliveryFuture, deadline: Instant) -> Outcome {
         match tokio::time::timeout_at(deadline, future).await {
             Err(_) => Outcome::Failed {
                 reason: format!(
                     "no delivery report for a message to topic {topic} within {:?}",
                     self.timeout + REPORT_SLACK
                 ),
-                missing_topic: false,
+                kind: Failure::TimedOut,
             },
             Ok(Err(_canceled)) => Outcome::Failed {
                 reason: "the Kafka producer was closed".into(),
-                missing_topic: false,
+                kind: Failure::Other,
             },
             Ok(Ok(Ok(_delivery))) => Outcome::Delivered,
             Ok(Ok(Err((e, _message)))) => self.classify(topic, &e),
@@ -421,16 +438,23 @@ impl KafkaSink {
             Some(code) if refuses_content(code) => {
                 Outcome::Refused(format!("Kafka refused the message for topic {topic}: {e}"))
             }
+            Some(RDKafkaErrorCode::MessageTimedOut) => Outcome::Failed {
+                reason: format!(
+                    "no acknowledgement for a message to topic {topic} within {:?}: {e}",
+                    self.timeout
+                ),
+                kind: Failure::TimedOut,
+            },
             Some(code) if unknown_topic(code) => Outcome::Failed {
                 reason: format!(
                     "topic {topic} does not exist on the Kafka brokers \
                      (create it, or let the brokers create topics): {e}"
                 ),
-                missing_topic: true,
+                kind: Failure::MissingTopic,
             },
             _ => Outcome::Failed {
                 reason: format!("producing to topic {topic} failed: {e}"),
-                missing_topic: false,
+                kind: Failure::Other,
             },
         }
     }
@@ -458,6 +482,36 @@ impl KafkaSink {
     }
 }
 
+/// Those of `topics` that the brokers say do not exist; none when the brokers do not answer.
+async fn missing_topics(producer: &Kafka, topics: Vec<String>) -> Vec<String> {
+    if topics.is_empty() {
+        return Vec::new();
+    }
+    let producer = producer.clone();
+    let ask = tokio::task::spawn_blocking(move || {
+        let mut missing = Vec::new();
+        for topic in topics {
+            let Ok(md) = producer
+                .client()
+                .fetch_metadata(Some(&topic), METADATA_TIMEOUT)
+            else {
+                // Brokers down: no answer for the others either.
+                break;
+            };
+            let gone = md.topics().iter().any(|t| {
+                t.name() == topic
+                    && t.error()
+                        .is_some_and(|e| unknown_topic(RDKafkaErrorCode::from(e)))
+            });
+            if gone {
+                missing.push(topic);
+            }
+        }
+        missing
+    });
+    ask.await.unwrap_or_default()
+}
+
 fn create_producer(name: &str, config: &ClientConfig) -> Result<Kafka, String> {
     config
         .create_with_context(SinkContext {
@@ -475,6 +529,7 @@ struct Tally {
     /// The first failure: the batch is retried.
     failure: Option<String>,
     missing_topics: Vec<String>,
+    timed_out_topics: Vec<String>,
 }
 
 impl Tally {
@@ -482,9 +537,16 @@ impl Tally {
         match outcome {
             Outcome::Delivered => {}
             Outcome::Refused(reason) => self.refused.push((index, reason)),
-            Outcome::Failed { reason, missing_topic } => {
-                if missing_topic && !self.missing_topics.iter().any(|t| t == topic) {
-                    self.missing_topics.push(topic.to_string());
+            Outcome::Failed { reason, kind } => {
+                let list = match kind {
+                    Failure::MissingTopic => Some(&mut self.missing_topics),
+                    Failure::TimedOut => Some(&mut self.timed_out_topics),
+                    Failure::Other => None,
+                };
+                if let Some(list) = list {
+                    if !list.iter().any(|t| t == topic) {
+                        list.push(topic.to_string());
+                    }
                 }
                 self.failure.get_or_insert(reason);
             }
@@ -511,7 +573,10 @@ impl LogSink for KafkaSink {
                 continue;
             }
             let value = record.body_json();
-            match self.enqueue(&producer, &topic, record, &value, deadline).await {
+            match self
+                .enqueue(&producer, &topic, record, &value, deadline)
+                .await
+            {
                 Ok(future) => pending.push((index, topic, future)),
                 Err(e) => match self.classify(&topic, &e) {
                     // Checked locally, for this message alone (`message.max.bytes`).
@@ -540,7 +605,10 @@ impl LogSink for KafkaSink {
                     Outcome::Refused(reason)
                 } else {
                     let value = record.body_json();
-                    match self.enqueue(&producer, &topic, record, &value, deadline).await {
+                    match self
+                        .enqueue(&producer, &topic, record, &value, deadline)
+                        .await
+                    {
                         Ok(future) => self.outcome(&topic, future, deadline).await,
                         Err(e) => self.classify(&topic, &e),
                     }
@@ -548,10 +616,7 @@ impl LogSink for KafkaSink {
                 match outcome {
                     Outcome::Refused(reason) => tally.rejections.push(Rejection {
                         index,
-                        reason: format!(
-                            "{reason} (value of {} bytes)",
-                            record.body_json().len()
-                        ),
+                        reason: format!("{reason} (value of {} bytes)", record.body_json().len()),
                     }),
                     other => tally.note(index, &topic, other),
                 }
@@ -561,6 +626,18 @@ impl LogSink for KafkaSink {
             }
         }
 
+        if tally.failure.is_some() && tally.missing_topics.is_empty() {
+            // librdkafka times a message to a topic that does not exist out like one to brokers
+            // that are down: ask the brokers which it is, for a clear log.
+            let topics: Vec<String> = tally.timed_out_topics.iter().take(4).cloned().collect();
+            for topic in missing_topics(&producer, topics).await {
+                tally.failure = Some(format!(
+                    "topic {topic} does not exist on the Kafka brokers \
+                     (create it, or let the brokers create topics)"
+                ));
+                tally.missing_topics.push(topic);
+            }
+        }
         for topic in &tally.missing_topics {
             error!(
                 "sink {}: Kafka topic {topic} does not exist; its records wait in the buffer \
@@ -671,7 +748,10 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert_eq!(problems("brokers: ['127.0.0.1:9092']"), Vec::<String>::new());
+        assert_eq!(
+            problems("brokers: ['127.0.0.1:9092']"),
+            Vec::<String>::new()
+        );
         assert_eq!(
             problems(
                 "{brokers: ['k1:9092', '[::1]:9093'], topic: events, acks: '1', \
@@ -694,7 +774,10 @@ mod tests {
         );
         let p = problems("{brokers: ['k:1'], topic: '{db}.{table}'}");
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("sinks.k.topic: ") && p[0].contains("{db}"), "{p:?}");
+        assert!(
+            p[0].starts_with("sinks.k.topic: ") && p[0].contains("{db}"),
+            "{p:?}"
+        );
         let p = problems("{brokers: ['k:1'], topic: 'web/{table}'}");
         assert!(p.len() == 1 && p[0].starts_with("sinks.k.topic: "), "{p:?}");
         assert_eq!(
@@ -752,8 +835,14 @@ mod tests {
              linger.ms: '1'}}",
         );
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p[0].starts_with("sinks.k.properties.no.such.property: "), "{p:?}");
-        assert!(p[1].starts_with("sinks.k.properties.security.protocol: "), "{p:?}");
+        assert!(
+            p[0].starts_with("sinks.k.properties.no.such.property: "),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("sinks.k.properties.security.protocol: "),
+            "{p:?}"
+        );
     }
 
     #[test]

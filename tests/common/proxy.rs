@@ -30,6 +30,8 @@ pub struct Settings {
     pub upstream: Vec<String>,
     /// `postback.client_ip.trusted_proxies`.
     pub trusted_proxies: Vec<String>,
+    /// `postback.client_ip.anonymize`.
+    pub anonymize: bool,
     pub max_url_bytes: String,
     pub max_body_bytes: String,
     pub max_columns: usize,
@@ -55,6 +57,7 @@ impl Settings {
         Settings {
             upstream: vec![upstream.into()],
             trusted_proxies: vec!["127.0.0.1/32".into()],
+            anonymize: false,
             max_url_bytes: "4KiB".into(),
             max_body_bytes: "64KiB".into(),
             max_columns: 20,
@@ -134,6 +137,7 @@ postback:
     allowed_origins: ["https://www.example.com"]
   client_ip:
     trusted_proxies: [{trusted}]
+    anonymize: {anonymize}
 {extra}
 sinks:
   main:
@@ -151,6 +155,7 @@ delivery:
             dir = dir.display(),
             upstream = list(&self.upstream),
             trusted = list(&self.trusted_proxies),
+            anonymize = self.anonymize,
             max_url = self.max_url_bytes,
             max_body = self.max_body_bytes,
             max_columns = self.max_columns,
