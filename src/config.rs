@@ -183,6 +183,9 @@ pub struct UpstreamConfig {
     /// The SNI and `Host` to verify for TLS; empty: the peer's host name.
     #[serde(default)]
     pub sni: String,
+    /// Verify the origin's TLS certificate (turn off only for a self-signed test origin).
+    #[serde(default = "default_true")]
+    pub verify_cert: bool,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
     #[serde(default = "default_connect_timeout")]
@@ -203,14 +206,17 @@ fn default_read_timeout() -> HumanDuration {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
-    /// How often each peer is probed with a TCP connect.
+    /// How often each peer is probed.
     pub interval: HumanDuration,
+    /// None: a TCP connect. A path such as `/healthz`: an HTTP GET that must answer 200.
+    pub path: Option<String>,
 }
 
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
             interval: HumanDuration::secs(5),
+            path: None,
         }
     }
 }

@@ -3,7 +3,8 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use pingora::lb::health_check::TcpHealthCheck;
+use pingora::http::RequestHeader;
+use pingora::lb::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::LoadBalancer;
 use pingora::prelude::HttpPeer;
@@ -17,6 +18,7 @@ pub struct Upstream {
     balancer: Arc<LoadBalancer<RoundRobin>>,
     tls: bool,
     sni: String,
+    verify_cert: bool,
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
 }
@@ -59,6 +61,14 @@ pub fn resolve(cfg: &UpstreamConfig) -> Result<Vec<SocketAddr>, Vec<Problem>> {
     if cfg.read_timeout.0.is_zero() {
         problems.push(Problem::new("upstream.read_timeout", "must be more than 0"));
     }
+    if cfg
+        .health_check
+        .path
+        .as_deref()
+        .is_some_and(|p| !p.starts_with('/') || p.contains(char::is_whitespace))
+    {
+        problems.push(Problem::new("upstream.health_check.path", "must be a path such as /healthz"));
+    }
     if cfg.health_check.interval.0.is_zero() {
         problems.push(Problem::new(
             "upstream.health_check.interval",
@@ -87,10 +97,17 @@ impl Upstream {
                     e,
                 )
             })?;
-        let check = if cfg.tls {
-            TcpHealthCheck::new_tls(&sni_of(cfg))
-        } else {
-            TcpHealthCheck::new()
+        let check: Box<dyn HealthCheck + Send + Sync> = match &cfg.health_check.path {
+            Some(path) => {
+                let mut check = HttpHealthCheck::new(&sni_of(cfg), cfg.tls);
+                check.req = RequestHeader::build("GET", path.as_bytes(), None)?;
+                check.req.insert_header("Host", sni_of(cfg))?;
+                check.peer_template.options.verify_cert = cfg.verify_cert;
+                check.peer_template.options.verify_hostname = cfg.verify_cert;
+                Box::new(check)
+            }
+            None if cfg.tls => TcpHealthCheck::new_tls(&sni_of(cfg)),
+            None => TcpHealthCheck::new(),
         };
         balancer.set_health_check(check);
         balancer.health_check_frequency = Some(cfg.health_check.interval.0);
@@ -99,6 +116,7 @@ impl Upstream {
             balancer: service.task(),
             tls: cfg.tls,
             sni: sni_of(cfg),
+            verify_cert: cfg.verify_cert,
             connect_timeout: cfg.connect_timeout.0,
             read_timeout: cfg.read_timeout.0,
         };
@@ -120,6 +138,8 @@ impl Upstream {
         let mut peer = HttpPeer::new(addr, self.tls, self.sni.clone());
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.read_timeout = Some(self.read_timeout);
+        peer.options.verify_cert = self.verify_cert;
+        peer.options.verify_hostname = self.verify_cert;
         Ok(Box::new(peer))
     }
 }

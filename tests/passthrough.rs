@@ -304,3 +304,52 @@ async fn sigterm_lets_a_proxied_request_in_flight_finish() {
         proxy.stderr()
     );
 }
+
+#[tokio::test]
+async fn several_peers_share_the_requests_round_robin() {
+    let a = Origin::start();
+    let b = Origin::start();
+    let mut settings = Settings::new(a.peer());
+    settings.upstream.push(b.peer());
+    let proxy = Proxy::start_with(settings);
+    for i in 0..10 {
+        let r = get(&proxy.url(&format!("/rr?i={i}")), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    let (na, nb) = (a.requests().len(), b.requests().len());
+    assert_eq!(na + nb, 10);
+    assert!(
+        na >= 3 && nb >= 3,
+        "round robin over two peers sent {na} and {nb} requests"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_peer_is_taken_out_by_the_health_check() {
+    let live = Origin::start();
+    let mut settings = Settings::new(live.peer());
+    settings
+        .upstream
+        .push(format!("127.0.0.1:{}", closed_port()));
+    settings.upstream_extra = vec!["health_check: { interval: 100ms }".into()];
+    let proxy = Proxy::start_with(settings);
+    // Within a bounded number of requests, every request reaches the live peer.
+    let mut consecutive = 0;
+    for i in 0..400 {
+        let r = get(&proxy.url(&format!("/hc?i={i}")), &[]).await;
+        if r.status == 200 {
+            consecutive += 1;
+            if consecutive == 20 {
+                return;
+            }
+        } else {
+            assert_eq!(r.status, 502, "{:?}", r.text());
+            consecutive = 0;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    panic!(
+        "requests still reach the dead peer; stderr:\n{}",
+        proxy.stderr()
+    );
+}

@@ -49,6 +49,8 @@ pub struct Settings {
     pub buffer: String,
     /// Extra lines for the `postback:` section (indented by two spaces each).
     pub postback_extra: Vec<String>,
+    /// Extra lines for the `upstream:` section (indented by two spaces each).
+    pub upstream_extra: Vec<String>,
 }
 
 impl Settings {
@@ -68,6 +70,7 @@ impl Settings {
             batch_max_records: 100,
             buffer: "memory".into(),
             postback_extra: Vec::new(),
+            upstream_extra: Vec::new(),
         }
     }
 
@@ -84,11 +87,10 @@ impl Settings {
             .clone()
             .unwrap_or_else(|| dir.join("events.jsonl"));
         let hashed = hex::encode(Sha256::digest(HASHED_KEY.as_bytes()));
-        let extra: String = self
-            .postback_extra
-            .iter()
-            .map(|l| format!("  {l}\n"))
-            .collect();
+        let indent =
+            |lines: &[String]| -> String { lines.iter().map(|l| format!("  {l}\n")).collect() };
+        let extra = indent(&self.postback_extra);
+        let upstream_extra = indent(&self.upstream_extra);
         format!(
             r#"server:
   threads: 2
@@ -107,7 +109,7 @@ upstream:
   peers: [{upstream}]
   connect_timeout: 2s
   read_timeout: 20s
-
+{upstream_extra}
 routes:
   - path: /postback/v3/event/{{database}}/{{table}}
     sink: main
