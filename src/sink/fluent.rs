@@ -269,7 +269,7 @@ impl FluentSink {
                 )
             })?
             .map_err(|e| format!("waiting for the ack from {}: {e}", self.address))?;
-        if ack != chunk && false {
+        if ack != chunk {
             return Err(format!(
                 "{} acknowledged chunk {ack:?}, expected {chunk}",
                 self.address
@@ -580,8 +580,8 @@ mod tests {
         stream.write_all(&bytes).await.unwrap();
     }
 
-    /// Runs `server` on one accepted connection at a time, for `connections` connections, and
-    /// returns every message seen.
+    /// A loopback listener that hands its first `connections` connections, one at a time, to
+    /// `serve`; returns its address and the task.
     async fn server<F, Fut>(
         connections: usize,
         mut serve: F,
@@ -601,12 +601,10 @@ mod tests {
         (address, task)
     }
 
-    fn bounded<T>(f: impl std::future::Future<Output = T>) -> impl std::future::Future<Output = T> {
-        async move {
-            tokio::time::timeout(Duration::from_secs(20), f)
-                .await
-                .expect("the test took over 20 s")
-        }
+    async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("the test took over 20 s")
     }
 
     #[tokio::test]
