@@ -148,7 +148,10 @@ impl PostbackProxy {
         for (name, value) in reply.headers.into_iter().chain(cors) {
             resp.append_header(name, value)?;
         }
-        resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+        // A 204 has no body and, by RFC 9110, no Content-Length.
+        if reply.status != 204 {
+            resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
+        }
         let no_body = head || reply.body.is_empty();
         session
             .write_response_header(Box::new(resp), no_body)

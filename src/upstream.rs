@@ -67,7 +67,10 @@ pub fn resolve(cfg: &UpstreamConfig) -> Result<Vec<SocketAddr>, Vec<Problem>> {
         .as_deref()
         .is_some_and(|p| !p.starts_with('/') || p.contains(char::is_whitespace))
     {
-        problems.push(Problem::new("upstream.health_check.path", "must be a path such as /healthz"));
+        problems.push(Problem::new(
+            "upstream.health_check.path",
+            "must be a path such as /healthz",
+        ));
     }
     if cfg.health_check.interval.0.is_zero() {
         problems.push(Problem::new(

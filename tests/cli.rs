@@ -91,7 +91,8 @@ fn check_refuses_unknown_keys_naming_them() {
     assert_refused(&yaml, &["listen_addr"]);
     let yaml = harness_yaml().replacen("  max_columns: 20", "  max_colums: 20", 1);
     assert_refused(&yaml, &["max_colums"]);
-    let yaml = harness_yaml().replacen("    type: file\n    path:", "    type: file\n    pth:", 1);
+    let yaml = harness_yaml().replacen("{ type: file, path:", "{ type: file, pth:", 1);
+    assert_ne!(yaml, harness_yaml());
     assert_refused(&yaml, &["pth"]);
 }
 

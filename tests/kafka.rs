@@ -3,7 +3,7 @@
 //! storage), and an independent rdkafka consumer reads the messages back.
 //!
 //! The broker binary is `$TANSU_BIN`, by default `/root/.cache/postback-proxy/tansu/bin/tansu`
-//! (`cargo install tansu --version 0.6.0 --locked --root /root/.cache/postback-proxy/tansu`).
+//! (`cargo install tansu --version 0.6.0 --features dynostore --locked --root /root/.cache/postback-proxy/tansu`).
 //! Without it these tests fail: they never pass by skipping.
 //!
 //! tansu does not create topics on its own (a Metadata request for a missing topic answers
@@ -35,7 +35,7 @@ fn tansu_bin() -> PathBuf {
     assert!(
         path.is_file(),
         "the Kafka-protocol broker tansu is missing at {} (set TANSU_BIN, or install it: \
-         cargo install tansu --version 0.6.0 --locked --root /root/.cache/postback-proxy/tansu); \
+         cargo install tansu --version 0.6.0 --features dynostore --locked --root /root/.cache/postback-proxy/tansu); \
          the Kafka end-to-end tests cannot run without it",
         path.display()
     );
@@ -517,7 +517,10 @@ fn a_message_too_large_for_kafka_is_rejected_and_the_others_delivered() {
     assert_eq!(rejected[0]["sink"], "main");
     assert_eq!(rejected[0]["record"]["record"]["n"], "3");
     let reason = rejected[0]["reason"].as_str().unwrap().to_lowercase();
-    assert!(reason.contains("too large"), "reason: {reason}");
+    assert!(
+        reason.contains("message size too large"),
+        "reason: {reason}"
+    );
 
     let want: BTreeSet<String> = [0, 1, 2, 4, 5].iter().map(ToString::to_string).collect();
     let msgs = read_topic(

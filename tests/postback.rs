@@ -402,6 +402,26 @@ async fn post_body_that_is_not_a_json_object_is_400_and_records_nothing() {
 }
 
 #[tokio::test]
+async fn post_json_takes_the_key_from_the_query_when_no_header_gives_one() {
+    let origin = Origin::start();
+    let proxy = Proxy::start(origin.peer());
+    let url = proxy.url(&format!("{EV}/web/json_q?{}", key_q()));
+    let post = |body: &'static str| {
+        client()
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    assert_json_ok(&send(post(r#"{"n":"1"}"#)).await);
+    // The header wins over the query: a wrong header key is refused.
+    let r = send(post(r#"{"n":"2"}"#).header("x-td-write-key", "wrong")).await;
+    assert_error(&r, 403, "forbidden");
+    let records = proxy.records_until_marker().await;
+    let ns: Vec<&Value> = records.iter().map(|r| &r["record"]["n"]).collect();
+    assert_eq!(ns, ["1"], "{records:#?}");
+}
+
+#[tokio::test]
 async fn post_form_is_read_as_a_query_string() {
     let origin = Origin::start();
     let proxy = Proxy::start(origin.peer());
@@ -1252,6 +1272,7 @@ async fn body_over_max_body_bytes_is_413() {
     }
     let r = conn.read_response(false);
     assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some(NO_CACHE));
 
     let records = proxy.records_until_marker().await;
     assert_eq!(records.len(), 1, "{records:#?}");

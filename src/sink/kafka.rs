@@ -435,9 +435,10 @@ impl KafkaSink {
     /// What a produce error means for the batch.
     fn classify(&self, topic: &str, e: &KafkaError) -> Outcome {
         match e.rdkafka_error_code() {
-            Some(code) if refuses_content(code) => {
-                Outcome::Refused(format!("Kafka refused the message for topic {topic}: {e}"))
-            }
+            Some(code) if refuses_content(code) => Outcome::Refused(format!(
+                "Kafka refuses the message for topic {topic} (too large, or not a valid \
+                     record): {e}"
+            )),
             Some(RDKafkaErrorCode::MessageTimedOut) => Outcome::Failed {
                 reason: format!(
                     "no acknowledgement for a message to topic {topic} within {:?}: {e}",
@@ -533,6 +534,14 @@ struct Tally {
 }
 
 impl Tally {
+    /// Message `index` (its value: `value`) is refused for good.
+    fn reject(&mut self, index: usize, reason: String, value: &[u8]) {
+        self.rejections.push(Rejection {
+            index,
+            reason: format!("{reason} (a value of {} bytes)", value.len()),
+        });
+    }
+
     fn note(&mut self, index: usize, topic: &str, outcome: Outcome) {
         match outcome {
             Outcome::Delivered => {}
@@ -580,7 +589,7 @@ impl LogSink for KafkaSink {
                 Ok(future) => pending.push((index, topic, future)),
                 Err(e) => match self.classify(&topic, &e) {
                     // Checked locally, for this message alone (`message.max.bytes`).
-                    Outcome::Refused(reason) => tally.rejections.push(Rejection { index, reason }),
+                    Outcome::Refused(reason) => tally.reject(index, reason, &value),
                     other => {
                         tally.note(index, &topic, other);
                         break;
@@ -598,13 +607,14 @@ impl LogSink for KafkaSink {
         let refused = std::mem::take(&mut tally.refused);
         if tally.failure.is_none() && !refused.is_empty() {
             let alone = refused.len() == 1;
+            let deadline = Instant::now() + self.timeout + REPORT_SLACK;
             for (index, reason) in refused {
                 let record = &batch[index];
                 let topic = self.topic.render(&record.database, &record.table);
+                let value = record.body_json();
                 let outcome = if alone {
                     Outcome::Refused(reason)
                 } else {
-                    let value = record.body_json();
                     match self
                         .enqueue(&producer, &topic, record, &value, deadline)
                         .await
@@ -614,10 +624,7 @@ impl LogSink for KafkaSink {
                     }
                 };
                 match outcome {
-                    Outcome::Refused(reason) => tally.rejections.push(Rejection {
-                        index,
-                        reason: format!("{reason} (value of {} bytes)", record.body_json().len()),
-                    }),
+                    Outcome::Refused(reason) => tally.reject(index, reason, &value),
                     other => tally.note(index, &topic, other),
                 }
                 if tally.failure.is_some() {
@@ -1003,7 +1010,9 @@ mod tests {
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 1);
         assert!(
-            rejections[0].reason.contains("web.pageviews"),
+            rejections[0].reason.contains("web.pageviews")
+                && rejections[0].reason.contains("Message size too large")
+                && rejections[0].reason.contains("bytes"),
             "{rejections:?}"
         );
         let mut ns: Vec<_> = read_topic(&bootstrap, "web.pageviews", 2)
@@ -1064,7 +1073,10 @@ mod tests {
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 0);
         assert!(
-            rejections[0].reason.to_lowercase().contains("too large"),
+            rejections[0]
+                .reason
+                .to_lowercase()
+                .contains("message size too large"),
             "{rejections:?}"
         );
         // And the producer still works afterwards.

@@ -53,7 +53,12 @@ impl Received {
     }
 
     /// Waits (up to `limit`) until `pred` holds for the records, then returns them.
-    pub fn wait_until(&self, limit: Duration, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let start = Instant::now();
         loop {
             let records = self.records();
@@ -158,13 +163,16 @@ async fn handle(
         Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
     };
     let n = received.posts.fetch_add(1, Ordering::SeqCst) + 1;
-    if fail_every.is_some_and(|every| n % every == 0) {
+    if fail_every.is_some_and(|every| n.is_multiple_of(every)) {
         received.failed.fetch_add(1, Ordering::SeqCst);
         return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
     }
     let text = if gzip {
         let mut out = String::new();
-        if flate2::read::GzDecoder::new(&body[..]).read_to_string(&mut out).is_err() {
+        if flate2::read::GzDecoder::new(&body[..])
+            .read_to_string(&mut out)
+            .is_err()
+        {
             return Ok(status(StatusCode::BAD_REQUEST));
         }
         out

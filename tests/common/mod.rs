@@ -3,6 +3,7 @@
 //! parallel. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod collector;
 pub mod origin;
 pub mod proxy;
 pub mod raw;

@@ -51,6 +51,10 @@ pub struct Settings {
     pub postback_extra: Vec<String>,
     /// Extra lines for the `upstream:` section (indented by two spaces each).
     pub upstream_extra: Vec<String>,
+    /// The `main` sink as a YAML flow mapping (`{ type: http, url: ... }`); `None`: the file sink.
+    pub sink_yaml: Option<String>,
+    /// Extra lines for the `delivery:` section (indented by two spaces each).
+    pub delivery_extra: Vec<String>,
 }
 
 impl Settings {
@@ -71,6 +75,8 @@ impl Settings {
             buffer: "memory".into(),
             postback_extra: Vec::new(),
             upstream_extra: Vec::new(),
+            sink_yaml: None,
+            delivery_extra: Vec::new(),
         }
     }
 
@@ -91,6 +97,11 @@ impl Settings {
             |lines: &[String]| -> String { lines.iter().map(|l| format!("  {l}\n")).collect() };
         let extra = indent(&self.postback_extra);
         let upstream_extra = indent(&self.upstream_extra);
+        let delivery_extra = indent(&self.delivery_extra);
+        let main_sink = match &self.sink_yaml {
+            Some(yaml) => yaml.clone(),
+            None => format!("{{ type: file, path: {:?} }}", sink.display().to_string()),
+        };
         format!(
             r#"server:
   threads: 2
@@ -142,9 +153,7 @@ postback:
     anonymize: {anonymize}
 {extra}
 sinks:
-  main:
-    type: file
-    path: {sink}
+  main: {main_sink}
 
 delivery:
   buffer: {buffer}
@@ -153,7 +162,7 @@ delivery:
   when_full: {when_full}
   batch: {{ max_records: {batch_records}, max_wait: {max_wait} }}
   retry: {{ initial: 50ms, max: 500ms }}
-"#,
+{delivery_extra}"#,
             dir = dir.display(),
             upstream = list(&self.upstream),
             trusted = list(&self.trusted_proxies),
@@ -161,7 +170,6 @@ delivery:
             max_url = self.max_url_bytes,
             max_body = self.max_body_bytes,
             max_columns = self.max_columns,
-            sink = sink.display(),
             queue = self.queue_records,
             when_full = self.when_full,
             batch_records = self.batch_max_records,
