@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
 use tokio::sync::{watch, Notify};
@@ -111,10 +111,9 @@ fn now_ms() -> u64 {
 
 type Done = watch::Sender<Option<Result<(), Arc<str>>>>;
 
-/// Frames waiting for the writer thread, and everyone waiting for them.
+/// Frames waiting to be written, and everyone waiting for them.
 struct Group {
     bytes: Vec<u8>,
-    records: u64,
     done: Done,
 }
 
@@ -122,19 +121,29 @@ impl Group {
     fn new() -> Group {
         Group {
             bytes: Vec::new(),
-            records: 0,
             done: watch::channel(None).0,
         }
     }
 }
 
 struct WriteState {
+    /// The group being formed; its first request leads it.
     pending: Group,
+    /// A request has taken the lead of `pending` and will write it.
+    led: bool,
     closed: bool,
-    /// Set when this process has just become the owner: move to a new segment first.
-    takeover: bool,
     /// The end of what is written: the reader reads up to here.
     end: Position,
+}
+
+/// The live segment; its mutex orders the writes.
+struct LiveSegment {
+    file: Option<File>,
+    end: Position,
+    /// Written since the last fsync.
+    dirty: bool,
+    /// Segments rotated away from and not yet fsynced.
+    retired: Vec<File>,
 }
 
 struct ReadState {
@@ -157,7 +166,9 @@ pub struct DiskLog {
     when_full: WhenFull,
     fsync: FsyncPolicy,
     write: Mutex<WriteState>,
-    writer_wake: Condvar,
+    live: Mutex<LiveSegment>,
+    /// Wakes the fsync thread early at shutdown.
+    sync_wake: Condvar,
     read: Mutex<ReadState>,
     arrived: Notify,
     /// Bytes appended and not yet delivered, plus those waiting in the pending group.
@@ -166,7 +177,7 @@ pub struct DiskLog {
     /// (the old one during an upgrade) may append to its own segments meanwhile.
     owner: AtomicBool,
     lock_file: File,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    sync_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,6 +246,9 @@ impl DiskLog {
         metrics::SPOOL_BYTES
             .with_label_values(&[sink])
             .set(spool as i64);
+        let live_file = OpenOptions::new()
+            .append(true)
+            .open(segment_path(&dir, live))?;
         Ok(DiskLog {
             sink: sink.to_owned(),
             dir,
@@ -244,14 +258,23 @@ impl DiskLog {
             fsync,
             write: Mutex::new(WriteState {
                 pending: Group::new(),
+                led: false,
                 closed: false,
-                takeover: false,
                 end: Position {
                     segment: live,
                     offset: 0,
                 },
             }),
-            writer_wake: Condvar::new(),
+            live: Mutex::new(LiveSegment {
+                file: Some(live_file),
+                end: Position {
+                    segment: live,
+                    offset: 0,
+                },
+                dirty: false,
+                retired: Vec::new(),
+            }),
+            sync_wake: Condvar::new(),
             read: Mutex::new(ReadState {
                 at: start,
                 chunk: Vec::new(),
@@ -263,18 +286,20 @@ impl DiskLog {
             spool_bytes: AtomicU64::new(spool),
             owner: AtomicBool::new(owner),
             lock_file,
-            writer: Mutex::new(None),
+            sync_thread: Mutex::new(None),
         })
     }
 
-    /// Starts the group-commit writer thread, and, when another process holds the buffer, a
-    /// thread that waits for it to exit; called once from [`super::Delivery::start`].
-    pub fn start_writer(self: &Arc<Self>) -> std::io::Result<()> {
-        let log = self.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("spool-{}", self.sink))
-            .spawn(move || log.write_loop())?;
-        *lock(&self.writer) = Some(handle);
+    /// Starts the fsync thread (with an fsync interval) and, when another process holds the
+    /// buffer, a thread that waits for it to exit; called once from [`super::Delivery::start`].
+    pub fn start_threads(self: &Arc<Self>) -> std::io::Result<()> {
+        if let FsyncPolicy::Every(interval) = self.fsync {
+            let log = self.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("fsync-{}", self.sink))
+                .spawn(move || log.sync_loop(interval.0))?;
+            *lock(&self.sync_thread) = Some(handle);
+        }
         if !self.owner.load(Ordering::SeqCst) {
             let log = self.clone();
             std::thread::Builder::new()
@@ -287,9 +312,10 @@ impl DiskLog {
         Ok(())
     }
 
-    /// The previous owner of the buffer exited: pick up its checkpoint and ask the writer to move
-    /// to a segment after all of its segments, then the reader starts.
+    /// The previous owner of the buffer exited: pick up its checkpoint, move appends to a segment
+    /// after all of its segments, and start reading.
     fn take_over(&self) {
+        let mut live = lock(&self.live);
         match recover(&self.dir) {
             Ok((start, spool)) => {
                 {
@@ -299,11 +325,13 @@ impl DiskLog {
                     read.chunk_start = start.offset;
                     read.consumed = 0;
                 }
-                let mut write = lock(&self.write);
-                let pending = write.pending.bytes.len() as u64;
+                let pending = lock(&self.write).pending.bytes.len() as u64;
                 self.spool_bytes.store(spool + pending, Ordering::SeqCst);
-                write.takeover = true;
-                self.writer_wake.notify_one();
+                let next =
+                    (max_segment(&self.dir).unwrap_or(live.end.segment) + 1).max(start.segment);
+                self.switch_segment(&mut live, next, true);
+                self.owner.store(true, Ordering::SeqCst);
+                self.arrived.notify_one();
                 info!(
                     "sink {}: took over the buffer; delivering from {start:?}",
                     self.sink
@@ -315,6 +343,10 @@ impl DiskLog {
 
     /// Appends `records`: returns once they are written to the log (and fsynced with
     /// `fsync: always`). All or none are taken.
+    ///
+    /// Group commit: the first request of a group leads it. It yields once, so that every request
+    /// the runtime has ready joins the group, then writes the whole group with one `write(2)` and
+    /// wakes the others. Nothing crosses threads on the way, and an idle proxy pays no wait.
     pub async fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
         let n = records.len() as u64;
         let appended = now_ms();
@@ -323,7 +355,7 @@ impl DiskLog {
             encode_frame(record, appended, &mut frames);
         }
         let size = frames.len() as u64;
-        let mut done = {
+        let (mut done, lead) = {
             let mut state = lock(&self.write);
             if state.closed {
                 return Err(DeliveryError::Closed);
@@ -342,14 +374,19 @@ impl DiskLog {
             }
             self.spool_bytes.fetch_add(size, Ordering::Relaxed);
             state.pending.bytes.extend_from_slice(&frames);
-            state.pending.records += n;
-            let done = state.pending.done.subscribe();
-            self.writer_wake.notify_one();
-            done
+            let lead = !std::mem::replace(&mut state.led, true);
+            (state.pending.done.subscribe(), lead)
         };
+        if lead {
+            // Should this request be cancelled before it wrote its group, the guard writes it.
+            let guard = LeadGuard(self);
+            tokio::task::yield_now().await;
+            self.commit().await;
+            std::mem::forget(guard);
+        }
         let result = match done.wait_for(Option::is_some).await {
             Ok(r) => r.clone().unwrap_or(Ok(())),
-            Err(_) => Err(Arc::from("the writer stopped")),
+            Err(_) => Err(Arc::from("the buffer was closed")),
         };
         match result {
             Ok(()) => {
@@ -362,146 +399,114 @@ impl DiskLog {
         }
     }
 
-    /// The writer thread: one `write(2)` per group of appends.
-    fn write_loop(&self) {
-        let mut end = lock(&self.write).end;
-        let mut file = match OpenOptions::new()
-            .append(true)
-            .open(segment_path(&self.dir, end.segment))
-        {
-            Ok(f) => Some(f),
-            Err(e) => {
-                error!("sink {}: cannot open the live segment: {e}", self.sink);
-                None
+    /// Writes the pending group (the leader's job), fsyncs it with `fsync: always`, and wakes
+    /// everyone waiting for it.
+    async fn commit(&self) {
+        let (group, result, sync) = self.write_pending();
+        let result = match (result, sync) {
+            (Ok(()), Some(file)) => {
+                match tokio::task::spawn_blocking(move || file.sync_data()).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(Arc::from(format!("fsync of the buffer failed: {e}"))),
+                    Err(e) => Err(Arc::from(format!("fsync of the buffer failed: {e}"))),
+                }
             }
+            (result, _) => result,
         };
-        let interval = match self.fsync {
-            FsyncPolicy::Always => None,
-            FsyncPolicy::Every(d) => Some(d.0),
-        };
-        let mut dirty = false;
-        let mut last_sync = Instant::now();
-        loop {
-            let takeover = std::mem::take(&mut lock(&self.write).takeover);
-            if takeover {
-                file = self.rotate_after_all(file, &mut end);
-                self.owner.store(true, Ordering::SeqCst);
-                self.arrived.notify_one();
-            }
-            let group = {
-                let mut state = lock(&self.write);
-                while state.pending.bytes.is_empty() && !state.closed && !state.takeover {
-                    let wait = match interval {
-                        Some(i) if dirty => i.saturating_sub(last_sync.elapsed()),
-                        _ => Duration::from_secs(3600),
-                    };
-                    if wait.is_zero() {
-                        break;
-                    }
-                    state = self
-                        .writer_wake
-                        .wait_timeout(state, wait)
-                        .map(|(s, _)| s)
-                        .unwrap_or_else(|p| p.into_inner().0);
-                }
-                if state.pending.bytes.is_empty() && state.closed {
-                    if let Some(f) = &file {
-                        let _ = f.sync_data();
-                    }
-                    return;
-                }
-                std::mem::replace(&mut state.pending, Group::new())
-            };
-            if !group.bytes.is_empty() {
-                let result = self.append(&mut file, &mut end, &group.bytes);
-                let sync = match &result {
-                    Ok(()) => interval.is_none(),
-                    Err(_) => false,
-                };
-                let result = if sync {
-                    file.as_ref()
-                        .map_or(Ok(()), |f| f.sync_data())
-                        .map_err(|e| Arc::from(format!("fsync failed: {e}")))
-                } else {
-                    result
-                };
-                if result.is_ok() {
-                    dirty = interval.is_some();
-                    if sync {
-                        last_sync = Instant::now();
-                    }
-                    lock(&self.write).end = end;
-                    self.arrived.notify_one();
-                } else {
-                    self.spool_bytes
-                        .fetch_sub(group.bytes.len() as u64, Ordering::Relaxed);
-                }
-                let _ = group.done.send(Some(result));
-                if end.offset >= self.segment_bytes {
-                    file = self.rotate(file, &mut end);
-                }
-            }
-            if let Some(i) = interval {
-                if dirty && last_sync.elapsed() >= i {
-                    if let Some(f) = &file {
-                        if let Err(e) = f.sync_data() {
-                            error!("sink {}: fsync of the buffer failed: {e}", self.sink);
-                        }
-                    }
-                    dirty = false;
-                    last_sync = Instant::now();
-                }
-            }
+        if let Some(group) = group {
+            let _ = group.done.send(Some(result));
         }
     }
 
-    fn append(
-        &self,
-        file: &mut Option<File>,
-        end: &mut Position,
-        bytes: &[u8],
-    ) -> Result<(), Arc<str>> {
-        let Some(f) = file.as_mut() else {
+    /// Takes the pending group and appends it to the live segment with one `write(2)`. Returns
+    /// the group, the result, and with `fsync: always` a handle to fsync before answering.
+    #[allow(clippy::type_complexity)]
+    fn write_pending(&self) -> (Option<Group>, Result<(), Arc<str>>, Option<File>) {
+        let mut live = lock(&self.live);
+        let group = {
+            let mut state = lock(&self.write);
+            state.led = false;
+            std::mem::replace(&mut state.pending, Group::new())
+        };
+        if group.bytes.is_empty() {
+            return (Some(group), Ok(()), None);
+        }
+        let result = self.append(&mut live, &group.bytes);
+        if result.is_err() {
+            self.spool_bytes
+                .fetch_sub(group.bytes.len() as u64, Ordering::Relaxed);
+            return (Some(group), result, None);
+        }
+        lock(&self.write).end = live.end;
+        self.arrived.notify_one();
+        let sync = match self.fsync {
+            FsyncPolicy::Always => live.file.as_ref().and_then(|f| f.try_clone().ok()),
+            FsyncPolicy::Every(_) => {
+                live.dirty = true;
+                None
+            }
+        };
+        if live.end.offset >= self.segment_bytes {
+            let next = live.end.segment + 1;
+            self.switch_segment(&mut live, next, false);
+        }
+        (Some(group), Ok(()), sync)
+    }
+
+    fn append(&self, live: &mut LiveSegment, bytes: &[u8]) -> Result<(), Arc<str>> {
+        let Some(f) = live.file.as_mut() else {
             return Err(Arc::from("the live segment is not open"));
         };
         match f.write_all(bytes) {
             Ok(()) => {
-                end.offset += bytes.len() as u64;
+                live.end.offset += bytes.len() as u64;
                 Ok(())
             }
             Err(e) => {
                 error!("sink {}: cannot append to the buffer: {e}", self.sink);
                 // Cut back whatever part was written, so the log holds whole frames only.
-                let _ = f.set_len(end.offset);
+                let _ = f.set_len(live.end.offset);
                 Err(Arc::from(format!("cannot append to the buffer: {e}")))
             }
         }
     }
 
-    /// Moves appends to segment `end + 1`. If that file exists, another process (the newer one
-    /// during an upgrade) made it: keep appending to the current segment rather than write after
-    /// its segments.
-    fn rotate(&self, file: Option<File>, end: &mut Position) -> Option<File> {
-        self.switch_segment(file, end, end.segment + 1, false)
-    }
-
-    /// Moves appends to a new segment after every existing one (on taking over the buffer).
-    fn rotate_after_all(&self, file: Option<File>, end: &mut Position) -> Option<File> {
-        let read_at = lock(&self.read).at.segment;
-        let next = (max_segment(&self.dir).unwrap_or(end.segment) + 1).max(read_at);
-        self.switch_segment(file, end, next, true)
-    }
-
-    fn switch_segment(
-        &self,
-        file: Option<File>,
-        end: &mut Position,
-        next: u64,
-        bump: bool,
-    ) -> Option<File> {
-        if let Some(f) = &file {
-            let _ = f.sync_data();
+    /// The fsync thread (`fsync: 1s` and the like): fsyncs what was written, every `interval`.
+    fn sync_loop(&self, interval: Duration) {
+        let mut closing = false;
+        loop {
+            {
+                let state = lock(&self.write);
+                if !state.closed {
+                    let _ = self.sync_wake.wait_timeout(state, interval);
+                } else {
+                    closing = true;
+                }
+            }
+            let (file, retired) = {
+                let mut live = lock(&self.live);
+                let file = if std::mem::take(&mut live.dirty) {
+                    live.file.as_ref().and_then(|f| f.try_clone().ok())
+                } else {
+                    None
+                };
+                (file, std::mem::take(&mut live.retired))
+            };
+            for f in retired.iter().chain(file.as_ref()) {
+                if let Err(e) = f.sync_data() {
+                    error!("sink {}: fsync of the buffer failed: {e}", self.sink);
+                }
+            }
+            if closing {
+                return;
+            }
         }
+    }
+
+    /// Moves appends to segment `next` (with `bump`, the next free number from there). Without
+    /// `bump`, an existing `next` belongs to another process (the newer one during an upgrade):
+    /// keep appending to the current segment rather than write after its segments.
+    fn switch_segment(&self, live: &mut LiveSegment, next: u64, bump: bool) {
         let created = if bump {
             create_segment(&self.dir, next)
         } else {
@@ -519,17 +524,19 @@ impl DiskLog {
         });
         match opened {
             Ok((segment, f)) => {
-                *end = Position { segment, offset: 0 };
-                lock(&self.write).end = *end;
-                Some(f)
+                if let Some(old) = live.file.replace(f) {
+                    match self.fsync {
+                        FsyncPolicy::Always => {}
+                        FsyncPolicy::Every(_) => live.retired.push(old),
+                    }
+                }
+                live.end = Position { segment, offset: 0 };
+                lock(&self.write).end = live.end;
             }
-            Err(e) => {
-                warn!(
-                    "sink {}: not starting a new segment, continuing in {}: {e}",
-                    self.sink, end.segment
-                );
-                file
-            }
+            Err(e) => warn!(
+                "sink {}: not starting a new segment, continuing in {}: {e}",
+                self.sink, live.end.segment
+            ),
         }
     }
 
@@ -675,11 +682,21 @@ impl DiskLog {
         self.arrived.notified().await
     }
 
-    /// Refuses further appends, writes what is pending and stops the writer thread.
+    /// Refuses further appends, writes and fsyncs what is pending, and stops the fsync thread.
+    /// Runs at shutdown, after the server stopped answering.
     pub fn close(&self) {
         lock(&self.write).closed = true;
-        self.writer_wake.notify_one();
-        if let Some(handle) = lock(&self.writer).take() {
+        let (group, result, _) = self.write_pending();
+        if let Some(group) = group {
+            let _ = group.done.send(Some(result));
+        }
+        if let Some(f) = &lock(&self.live).file {
+            if let Err(e) = f.sync_data() {
+                error!("sink {}: fsync of the buffer failed: {e}", self.sink);
+            }
+        }
+        self.sync_wake.notify_all();
+        if let Some(handle) = lock(&self.sync_thread).take() {
             let _ = handle.join();
         }
         self.arrived.notify_one();
@@ -708,6 +725,25 @@ fn read_checkpoint(dir: &Path) -> Option<Position> {
     let segment = parts.next()?.parse().ok()?;
     let offset = parts.next()?.parse().ok()?;
     Some(Position { segment, offset })
+}
+
+/// Writes the pending group if its leader is dropped before it did (a cancelled request), so the
+/// other requests of the group are not left waiting.
+struct LeadGuard<'a>(&'a DiskLog);
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        let (group, result, sync) = self.0.write_pending();
+        let result = match (result, sync) {
+            (Ok(()), Some(file)) => file
+                .sync_data()
+                .map_err(|e| Arc::from(format!("fsync of the buffer failed: {e}"))),
+            (result, _) => result,
+        };
+        if let Some(group) = group {
+            let _ = group.done.send(Some(result));
+        }
+    }
 }
 
 /// The highest segment number in `dir` (0 when there is none).
@@ -837,7 +873,7 @@ mod tests {
         let log =
             DiskLog::open_with_segments("main", dir, max, WhenFull::Reject, fsync, segment_bytes);
         let log = Arc::new(log.unwrap());
-        log.start_writer().unwrap();
+        log.start_threads().unwrap();
         log
     }
 

@@ -259,7 +259,7 @@ impl Delivery {
         }
         for lane in &self.lanes {
             if let Buffer::Disk(d) = &lane.buffer {
-                d.start_writer()?;
+                d.start_threads()?;
             }
         }
         let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
