@@ -431,6 +431,12 @@ fn command(tools: &Tools, cpus: Option<&str>, program: &Path) -> Command {
     }
 }
 
+/// A fresh directory under `target/tmp`: on the project's disk (`/tmp` may be a tmpfs, which
+/// would flatter the disk buffer).
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir in target/tmp")
+}
+
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
@@ -441,10 +447,10 @@ fn fill(template: &str, fields: &[(&str, String)]) -> String {
     for (name, value) in fields {
         text = text.replace(&format!("{{{{{name}}}}}"), value);
     }
-    assert!(
-        !text.contains("{{"),
-        "a template field was left unfilled:\n{text}"
-    );
+    let unfilled = text
+        .match_indices("{{")
+        .any(|(i, _)| text[i + 2..].starts_with(|c: char| c.is_ascii_uppercase()));
+    assert!(!unfilled, "a template field was left unfilled:\n{text}");
     text
 }
 
@@ -854,7 +860,7 @@ fn measure(
     origin_port: u16,
     round: usize,
 ) -> RunResult {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = scratch_dir();
     let script = dir.path().join("wrk.lua");
     fs::write(&script, variant.wrk_script()).expect("write wrk script");
     let mut server = start_server(tools, layout, target, variant, dir.path(), origin_port);
@@ -906,7 +912,7 @@ fn measure(
                 server.process.log_tail()
             );
         }
-        checked = format!("  records {got} ok");
+        checked = format!("  records {} ok", thousands(got as f64));
     }
     let cpu = cpu_seconds(tools, &pids) - cpu_before;
     let peak_rss_mib = match target {
@@ -1146,7 +1152,7 @@ fn main() {
 
     let mut results: Results = BTreeMap::new();
     for layout in &options.layouts {
-        let origin_dir = tempfile::tempdir().expect("tempdir");
+        let origin_dir = scratch_dir();
         let (mut origin, origin_port) = start_origin(&tools, *layout, origin_dir.path());
         for &v in &selected {
             let variant = &all[v];

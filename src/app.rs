@@ -241,9 +241,11 @@ struct DeliveryStarter(Arc<Delivery>);
 
 #[async_trait]
 impl BackgroundService for DeliveryStarter {
-    async fn start(&self, _shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
         if let Err(e) = self.0.start() {
             error!("cannot start the delivery thread: {e}");
         }
+        // Delivery runs on its own thread; this service only lives as long as the server.
+        let _ = shutdown.changed().await;
     }
 }

@@ -283,6 +283,9 @@ impl Postback {
                         parsed.push(Params::from_json_object(event));
                     }
                     objects = Some(parsed);
+                    // td-js-sdk puts every column in the events; its query holds only a
+                    // cache-buster (`modified`), which is no column.
+                    params.columns.clear();
                 }
                 Some("application/x-www-form-urlencoded") => {
                     for (name, value) in parse_pairs(req.body).map_err(|e| bad(e.0))? {
@@ -293,7 +296,7 @@ impl Postback {
                 _ => {
                     return Err(Refusal::new(
                         ErrorKind::UnsupportedMediaType,
-                        "Content-Type must be application/json, application/x-www-form-urlencoded or application/vnd.treasuredata.v1+json",
+                        "Content-Type must be application/json, application/x-www-form-urlencoded, application/vnd.treasuredata.v1+json or application/vnd.treasuredata.v1.js+json",
                     ))
                 }
             }
@@ -777,7 +780,14 @@ mod tests {
             r#"{{"events":[{{"a":"1","td_record_time":{}}},{{"b":"2","time":7}}]}}"#,
             NOW - 60
         );
-        let o = request(&p, Method::POST, "time=99", &h, body.as_bytes()).unwrap();
+        let o = request(
+            &p,
+            Method::POST,
+            "time=99&modified=1764245000123",
+            &h,
+            body.as_bytes(),
+        )
+        .unwrap();
         assert_eq!(o.records.len(), 2);
         assert_eq!(o.records[0].body.time, NOW - 60);
         assert_eq!(o.records[1].body.time, NOW);

@@ -543,11 +543,11 @@ fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
     let client = Client::new();
     const N: usize = 25;
     client.accepted(&proxy, "pageviews", 0..N);
+    // The first batch fails (no acknowledgement within the sink's 5 s timeout) and is retried.
     assert!(
-        eventually(Duration::from_secs(30), || proxy
-            .proc
-            .log()
-            .contains("failed, retrying")),
+        eventually(Duration::from_secs(40), || proxy.proc.log().contains(
+            "no acknowledgement for a message to topic web.pageviews"
+        )),
         "no failed delivery while the broker is down\nproxy log:\n{}",
         proxy.proc.log()
     );
@@ -575,6 +575,19 @@ fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
         N + 5
     );
     assert_eq!(proxy.rejected(), "", "nothing is rejected");
+    // librdkafka repeats connection errors many times a second; the sink logs each kind of
+    // them once per 30 s.
+    let noise = proxy
+        .proc
+        .log()
+        .lines()
+        .filter(|l| l.contains("librdkafka"))
+        .count();
+    assert!(
+        noise < 30,
+        "{noise} librdkafka lines in the log\n{}",
+        proxy.proc.log()
+    );
 }
 
 #[test]
@@ -594,7 +607,6 @@ fn a_topic_that_does_not_exist_is_logged_and_retried_until_it_does() {
         "no clear error about the missing topic\nproxy log:\n{}",
         proxy.proc.log()
     );
-    assert!(proxy.proc.log().contains("failed, retrying"));
     // Nothing is rejected for it: once the topic exists, the records arrive.
     assert_eq!(proxy.rejected(), "");
     tansu.create_topic("web.missing", 1);

@@ -9,6 +9,7 @@
 //! for good; anything else (brokers down, timeouts, a topic that does not exist, leader
 //! elections, ...) fails the whole batch, which the delivery layer retries: at least once.
 
+use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -185,33 +186,103 @@ fn client_config(cfg: &KafkaSinkConfig, with_properties: bool) -> ClientConfig {
     c
 }
 
-/// Routes librdkafka's logs and errors to the `log` crate, naming the sink.
+/// Routes librdkafka's logs and errors to the `log` crate, naming the sink. While brokers are
+/// down librdkafka reports the same few errors many times a second: each kind is logged at most
+/// once per [`QUIET_PERIOD`], with the count of those left out.
 struct SinkContext {
     name: String,
+    last_logged: Mutex<HashMap<String, (std::time::Instant, u64)>>,
+}
+
+/// How often one kind of librdkafka message (a facility, an error code) is logged at most.
+const QUIET_PERIOD: Duration = Duration::from_secs(30);
+
+impl SinkContext {
+    fn new(name: &str) -> SinkContext {
+        SinkContext {
+            name: name.to_string(),
+            last_logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(n)` when a message of `kind` may be logged now, `n` of its kind having been left
+    /// out since the last one; `None` to leave it out.
+    fn admit(&self, kind: &str) -> Option<u64> {
+        self.admit_at(kind, std::time::Instant::now())
+    }
+
+    fn admit_at(&self, kind: &str, now: std::time::Instant) -> Option<u64> {
+        let mut last = self
+            .last_logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match last.get_mut(kind) {
+            Some((at, skipped)) if now.duration_since(*at) < QUIET_PERIOD => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                *at = now;
+                Some(std::mem::take(skipped))
+            }
+            None => {
+                last.insert(kind.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// `" (N similar messages left out)"`, or nothing.
+fn left_out(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} similar messages left out)")
+    }
 }
 
 impl ClientContext for SinkContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        let name = &self.name;
+        let Some(skipped) = self.admit(&format!("log {fac}")) else {
+            return;
+        };
+        let (name, more) = (&self.name, left_out(skipped));
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
             | RDKafkaLogLevel::Error => {
-                error!(target: "librdkafka", "sink {name}: {fac} {message}")
+                error!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
             }
-            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", "sink {name}: {fac} {message}"),
+            RDKafkaLogLevel::Warning => {
+                warn!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
+            }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                info!(target: "librdkafka", "sink {name}: {fac} {message}")
+                info!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
             }
-            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", "sink {name}: {fac} {message}"),
+            RDKafkaLogLevel::Debug => {
+                debug!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
+            }
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        let kind = match error.rdkafka_error_code() {
+            Some(code) => format!("error {code:?}"),
+            None => format!("error {error}"),
+        };
+        let Some(skipped) = self.admit(&kind) else {
+            return;
+        };
         // Brokers down, connections refused, ...: librdkafka reconnects by itself, and a batch
         // that cannot be delivered fails and is retried; so a warning, not an error.
-        warn!(target: "librdkafka", "sink {}: kafka: {error}: {reason}", self.name);
+        warn!(
+            target: "librdkafka",
+            "sink {}: kafka: {error}: {reason}{}",
+            self.name,
+            left_out(skipped)
+        );
     }
 }
 
@@ -332,23 +403,20 @@ impl KafkaSink {
         if cfg.timeout.0.as_millis() > i32::MAX as u128 {
             problem("timeout", "must be at most 24d".into());
         }
-        if !problems.is_empty() {
-            return problems;
-        }
-        // librdkafka checks every property name and value (without connecting anywhere).
-        if let Err(e) = client_config(cfg, false).create_native_config() {
-            problems.push(Problem::new(field.to_string(), e.to_string()));
-            return problems;
-        }
+        // librdkafka checks each passed-through property name and value (connecting nowhere).
         for (k, v) in &cfg.properties {
-            let mut c = client_config(cfg, false);
-            c.set(k, v);
-            if let Err(e) = c.create_native_config() {
+            if let Err(e) = ClientConfig::new().set(k, v).create_native_config() {
                 let message = match e {
                     KafkaError::ClientConfig(_, msg, _, _) => msg,
                     other => other.to_string(),
                 };
                 problems.push(Problem::new(format!("{field}.properties.{k}"), message));
+            }
+        }
+        if problems.is_empty() {
+            // And our settings with them (nothing above should let this fail).
+            if let Err(e) = client_config(cfg, true).create_native_config() {
+                problems.push(Problem::new(field.to_string(), e.to_string()));
             }
         }
         problems
@@ -515,9 +583,7 @@ async fn missing_topics(producer: &Kafka, topics: Vec<String>) -> Vec<String> {
 
 fn create_producer(name: &str, config: &ClientConfig) -> Result<Kafka, String> {
     config
-        .create_with_context(SinkContext {
-            name: name.to_string(),
-        })
+        .create_with_context(SinkContext::new(name))
         .map_err(|e| format!("cannot create the Kafka producer: {e}"))
 }
 
@@ -740,6 +806,26 @@ mod tests {
     }
 
     #[test]
+    fn repeated_librdkafka_messages_are_logged_once_per_period() {
+        let ctx = SinkContext::new("k");
+        let t0 = std::time::Instant::now();
+        let kind = "error AllBrokersDown";
+        assert_eq!(ctx.admit_at(kind, t0), Some(0));
+        assert_eq!(ctx.admit_at(kind, t0 + Duration::from_secs(1)), None);
+        assert_eq!(ctx.admit_at(kind, t0 + Duration::from_secs(29)), None);
+        assert_eq!(
+            ctx.admit_at("log FAIL", t0 + Duration::from_secs(29)),
+            Some(0)
+        );
+        // A period later, the next one is logged with the count of those left out.
+        assert_eq!(ctx.admit_at(kind, t0 + QUIET_PERIOD), Some(2));
+        assert_eq!(ctx.admit_at(kind, t0 + QUIET_PERIOD), None);
+        assert_eq!(ctx.admit_at(kind, t0 + QUIET_PERIOD * 2), Some(1));
+        assert_eq!(left_out(0), "");
+        assert_eq!(left_out(2), " (2 similar messages left out)");
+    }
+
+    #[test]
     fn topic_names_kafka_refuses() {
         assert_eq!(topic_name_problem("web.pageviews"), None);
         assert_eq!(topic_name_problem("a-b_c.D9"), None);
@@ -848,6 +934,14 @@ mod tests {
         );
         assert!(
             p[1].starts_with("sinks.k.properties.security.protocol: "),
+            "{p:?}"
+        );
+        // Reported together with the other problems.
+        let p = problems("{brokers: [], properties: {no.such.property: x}}");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert_eq!(p[0], "sinks.k.brokers: must not be empty");
+        assert!(
+            p[1].starts_with("sinks.k.properties.no.such.property: "),
             "{p:?}"
         );
     }

@@ -10,13 +10,20 @@
 //! * `/hold`: sends `first\n`, waits until [`Origin::release`] (or 30 s), then sends `second\n`.
 //! * `/slow?ms=N`: waits N ms, then echoes.
 //! * `/ws` with `Upgrade`: answers 101 and then echoes every byte read, prefixed with `echo:`.
+//! * `/health`: the status set by [`Origin::set_health`] (200 at first), for HTTP health checks.
+//!
+//! [`Origin::start_tls`] puts a TLS front (rustls, HTTP/1.1) before it: [`Origin::peer`] is then
+//! the TLS address, and [`Origin::tls_server_names`] the SNI each TLS connection asked for.
 //!
 //! The request body is recorded frame by frame as it arrives, so a test can see a body that is
 //! still being sent (`complete == false`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -68,14 +75,26 @@ impl Recorded {
 struct State {
     requests: Mutex<Vec<Recorded>>,
     release: tokio::sync::Notify,
+    /// The status `/health` answers.
+    health: AtomicU16,
 }
 
 /// The origin server; stops when dropped.
 pub struct Origin {
+    /// The plain HTTP address (also behind the TLS front, if any).
     pub addr: SocketAddr,
     state: Arc<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    tls: Option<TlsFront>,
+}
+
+/// A TLS listener that terminates TLS and relays each connection to the plain origin.
+struct TlsFront {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    server_names: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -94,6 +113,7 @@ impl Origin {
         let state = Arc::new(State {
             requests: Mutex::new(Vec::new()),
             release: tokio::sync::Notify::new(),
+            health: AtomicU16::new(200),
         });
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
@@ -132,12 +152,85 @@ impl Origin {
             state,
             stop: Some(stop),
             thread: Some(thread),
+            tls: None,
         }
     }
 
-    /// `127.0.0.1:PORT`, for `upstream.peers`.
+    /// Starts the origin behind a TLS front that serves the PEM `cert` (chain) and `key`.
+    pub fn start_tls(cert: &Path, key: &Path) -> Origin {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let mut origin = Origin::start();
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .expect("read the origin certificate")
+            .collect::<Result<_, _>>()
+            .expect("parse the origin certificate");
+        let key = PrivateKeyDer::from_pem_file(key).expect("read the origin key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("the origin certificate and key");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the TLS origin");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let server_names = Arc::new(Mutex::new(Vec::new()));
+        let backend = origin.addr;
+        let thread = {
+            let (stop, names) = (stop.clone(), server_names.clone());
+            std::thread::Builder::new()
+                .name(format!("tls-origin-{}", addr.port()))
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        match listener.accept() {
+                            Ok((stream, _)) => {
+                                let (config, names) = (config.clone(), names.clone());
+                                std::thread::spawn(move || {
+                                    tls_relay(stream, config, backend, names)
+                                });
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(5))
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                        }
+                    }
+                })
+                .unwrap()
+        };
+        origin.tls = Some(TlsFront {
+            addr,
+            stop,
+            thread: Some(thread),
+            server_names,
+        });
+        origin
+    }
+
+    /// `127.0.0.1:PORT`, for `upstream.peers`: the TLS front when there is one.
     pub fn peer(&self) -> String {
-        self.addr.to_string()
+        match &self.tls {
+            Some(front) => front.addr.to_string(),
+            None => self.addr.to_string(),
+        }
+    }
+
+    /// The SNI of each TLS connection so far (`None`: the client sent none), in order.
+    pub fn tls_server_names(&self) -> Vec<Option<String>> {
+        let front = self.tls.as_ref().expect("not a TLS origin");
+        front.server_names.lock().unwrap().clone()
+    }
+
+    /// Sets the status `/health` answers from now on.
+    pub fn set_health(&self, status: u16) {
+        self.state.health.store(status, Ordering::SeqCst);
     }
 
     /// Every request received so far.
@@ -179,11 +272,113 @@ impl Origin {
 
 impl Drop for Origin {
     fn drop(&mut self) {
+        if let Some(front) = self.tls.as_mut() {
+            front.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = front.thread.take() {
+                let _ = t.join();
+            }
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Relays one TLS connection to the plain origin at `backend` until either side closes. Both
+/// sockets are polled with a short read timeout, so one thread serves both directions.
+fn tls_relay(
+    mut tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    backend: SocketAddr,
+    names: Arc<Mutex<Vec<Option<String>>>>,
+) {
+    let Ok(mut tls) = rustls::ServerConnection::new(config) else {
+        return;
+    };
+    let Ok(mut plain) = TcpStream::connect(backend) else {
+        return;
+    };
+    let poll = Some(Duration::from_millis(2));
+    if tcp.set_nonblocking(false).is_err()
+        || tcp.set_read_timeout(poll).is_err()
+        || plain.set_read_timeout(poll).is_err()
+    {
+        return;
+    }
+    let _ = tcp.set_nodelay(true);
+    let _ = plain.set_nodelay(true);
+    let idle = |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut clear = vec![0u8; 64 * 1024];
+    let mut named = false;
+    let mut client_done = false;
+    loop {
+        // Client -> origin.
+        match tcp.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let mut rd = &buf[..n];
+                while !rd.is_empty() {
+                    if tls.read_tls(&mut rd).is_err() {
+                        return;
+                    }
+                    if tls.process_new_packets().is_err() {
+                        // Send the alert, then give up.
+                        let _ = tls.write_tls(&mut tcp);
+                        return;
+                    }
+                    while !client_done {
+                        match tls.reader().read(&mut clear) {
+                            Ok(0) => {
+                                client_done = true;
+                                let _ = plain.shutdown(std::net::Shutdown::Write);
+                            }
+                            Ok(m) => {
+                                if plain.write_all(&clear[..m]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(_) => return,
+                        }
+                    }
+                }
+            }
+            Err(e) if idle(&e) => {}
+            Err(_) => return,
+        }
+        if !named && !tls.is_handshaking() {
+            named = true;
+            names
+                .lock()
+                .unwrap()
+                .push(tls.server_name().map(str::to_owned));
+        }
+        // Origin -> client.
+        let mut origin_done = false;
+        match plain.read(&mut buf) {
+            Ok(0) => {
+                tls.send_close_notify();
+                origin_done = true;
+            }
+            Ok(n) => {
+                if tls.writer().write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if idle(&e) => {}
+            Err(_) => return,
+        }
+        while tls.wants_write() {
+            if tls.write_tls(&mut tcp).is_err() {
+                return;
+            }
+        }
+        if origin_done {
+            return;
         }
     }
 }
@@ -291,6 +486,16 @@ async fn handle(
         all[index].clone()
     };
 
+    if path == "/health" {
+        let code = state.health.load(Ordering::SeqCst);
+        let resp = Response::builder()
+            .status(code)
+            .header("content-type", "text/plain")
+            .header("x-origin", "yes")
+            .body(full(format!("health {code}\n")))
+            .unwrap();
+        return Ok(resp);
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let code: u16 = code.parse().unwrap_or(500);
         let resp = Response::builder()

@@ -55,6 +55,110 @@ pub struct Settings {
     pub sink_yaml: Option<String>,
     /// Extra lines for the `delivery:` section (indented by two spaces each).
     pub delivery_extra: Vec<String>,
+    /// `upstream.connect_timeout`.
+    pub connect_timeout: String,
+    /// `upstream.read_timeout`.
+    pub read_timeout: String,
+    /// A second listener, with TLS from these files, on [`Proxy::tls_port`].
+    pub tls_listener: Option<TlsFiles>,
+    /// Extra environment variables for the process (e.g. `SSL_CERT_FILE`).
+    pub env: Vec<(String, String)>,
+}
+
+/// A PEM certificate chain and key for a TLS listener (or a TLS origin).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A throwaway certificate authority and a server certificate it signed for `localhost` and
+/// `127.0.0.1`, made with the `openssl` command.
+#[derive(Clone, Debug)]
+pub struct TestPki {
+    /// The CA certificate (PEM), to trust in clients.
+    pub ca: PathBuf,
+    /// The server's certificate and key.
+    pub server: TlsFiles,
+}
+
+impl TestPki {
+    /// Creates the files in `dir`.
+    pub fn create(dir: &Path) -> TestPki {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl (is it installed?)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=postback-proxy test CA",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "server.csr",
+        ]);
+        fs::write(
+            dir.join("server.ext"),
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = serverAuth\n\
+             subjectAltName = DNS:localhost, IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "cert.pem",
+        ]);
+        TestPki {
+            ca: dir.join("ca.pem"),
+            server: TlsFiles {
+                cert: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+            },
+        }
+    }
 }
 
 impl Settings {
@@ -77,11 +181,27 @@ impl Settings {
             upstream_extra: Vec::new(),
             sink_yaml: None,
             delivery_extra: Vec::new(),
+            connect_timeout: "2s".into(),
+            read_timeout: "20s".into(),
+            tls_listener: None,
+            env: Vec::new(),
         }
     }
 
-    /// The YAML text of the configuration.
+    /// The YAML text of the configuration (without the TLS listener).
     pub fn yaml(&self, dir: &Path, port: u16, admin_port: u16) -> String {
+        self.yaml_with_tls(dir, port, admin_port, None)
+    }
+
+    /// The YAML text of the configuration; with `tls_listener` set, its listener is on
+    /// `tls_port`.
+    pub fn yaml_with_tls(
+        &self,
+        dir: &Path,
+        port: u16,
+        admin_port: u16,
+        tls_port: Option<u16>,
+    ) -> String {
         let list = |v: &[String]| {
             v.iter()
                 .map(|s| format!("{s:?}"))
@@ -102,6 +222,15 @@ impl Settings {
             Some(yaml) => yaml.clone(),
             None => format!("{{ type: file, path: {:?} }}", sink.display().to_string()),
         };
+        let tls_listen = match (&self.tls_listener, tls_port) {
+            (None, _) => String::new(),
+            (Some(files), Some(tls_port)) => format!(
+                "  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {:?}, key: {:?} }}\n",
+                files.cert.display().to_string(),
+                files.key.display().to_string()
+            ),
+            (Some(_), None) => panic!("a TLS listener needs a port: use yaml_with_tls"),
+        };
         format!(
             r#"server:
   threads: 2
@@ -112,14 +241,14 @@ impl Settings {
 
 listen:
   - address: 127.0.0.1:{port}
-
+{tls_listen}
 admin:
   address: 127.0.0.1:{admin_port}
 
 upstream:
   peers: [{upstream}]
-  connect_timeout: 2s
-  read_timeout: 20s
+  connect_timeout: {connect_timeout}
+  read_timeout: {read_timeout}
 {upstream_extra}
 routes:
   - path: /postback/v3/event/{{database}}/{{table}}
@@ -175,6 +304,8 @@ delivery:
             batch_records = self.batch_max_records,
             max_wait = self.batch_max_wait,
             buffer = self.buffer,
+            connect_timeout = self.connect_timeout,
+            read_timeout = self.read_timeout,
         )
     }
 }
@@ -226,17 +357,65 @@ fn owns_listener(pid: u32, port: u16) -> bool {
     })
 }
 
+/// Starts the binary with `-c config` and `args`, in `work`, its stderr and stdout appended to
+/// the files `stderr` and `stdout` there. Returns the child and the stderr path.
+fn spawn_binary(
+    work: &Path,
+    config: &Path,
+    args: &[&str],
+    stderr: &str,
+    stdout: &str,
+    env: &[(String, String)],
+) -> (Child, PathBuf) {
+    let log = |name: &str| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(work.join(name))
+            .unwrap()
+    };
+    let child = Command::new(binary())
+        .arg("-c")
+        .arg(config)
+        .args(args)
+        .current_dir(work)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log(stdout))
+        .stderr(log(stderr))
+        .spawn()
+        .expect("spawn postback-proxy");
+    (child, work.join(stderr))
+}
+
 /// A running proxy; killed when dropped.
 pub struct Proxy {
     pub dir: tempfile::TempDir,
     pub port: u16,
     /// 0 when the configuration has no admin listener.
     pub admin_port: u16,
+    /// The TLS listener's port; 0 when the configuration has none.
+    pub tls_port: u16,
     /// The file sink's path.
     pub events: PathBuf,
     pub config_path: PathBuf,
+    /// The working directory of the process (`dir`, or the first instance's for
+    /// [`Proxy::start_upgrade`]).
+    work: PathBuf,
+    /// Where the process's stderr goes.
+    stderr_path: PathBuf,
+    /// Extra environment of the process.
+    env: Vec<(String, String)>,
     child: Child,
     exited: Option<ExitStatus>,
+}
+
+/// The ports a configuration is written for.
+struct Ports {
+    port: u16,
+    admin: Option<u16>,
+    tls: Option<u16>,
 }
 
 impl Proxy {
@@ -254,11 +433,13 @@ impl Proxy {
     /// sink file and buffer directory as an earlier run.
     pub fn start_in(dir: Option<tempfile::TempDir>, settings: Settings) -> Proxy {
         let sink = settings.sink_path.clone();
-        Proxy::start_yaml_in(
+        Proxy::start_full(
             dir,
-            |dir, port, admin_port| settings.yaml(dir, port, admin_port.unwrap()),
+            |dir, ports| settings.yaml_with_tls(dir, ports.port, ports.admin.unwrap(), ports.tls),
             true,
+            settings.tls_listener.is_some(),
             |dir| sink.clone().unwrap_or_else(|| dir.join("events.jsonl")),
+            &settings.env,
         )
     }
 
@@ -279,6 +460,24 @@ impl Proxy {
         admin: bool,
         events: impl Fn(&Path) -> PathBuf,
     ) -> Proxy {
+        Proxy::start_full(
+            existing,
+            |dir, ports| yaml(dir, ports.port, ports.admin),
+            admin,
+            false,
+            events,
+            &[],
+        )
+    }
+
+    fn start_full(
+        existing: Option<tempfile::TempDir>,
+        yaml: impl Fn(&Path, &Ports) -> String,
+        admin: bool,
+        tls: bool,
+        events: impl Fn(&Path) -> PathBuf,
+        env: &[(String, String)],
+    ) -> Proxy {
         let reuse = existing.is_some();
         let mut slot = existing;
         let mut last_err = String::new();
@@ -292,37 +491,31 @@ impl Proxy {
             while admin_port == port {
                 admin_port = free_port();
             }
-            let config_path = dir.path().join("postback-proxy.yaml");
-            fs::write(
-                &config_path,
-                yaml(dir.path(), port, admin.then_some(admin_port)),
-            )
-            .unwrap();
-            let events = events(dir.path());
-            let log = |name: &str| {
-                fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.path().join(name))
-                    .unwrap()
+            let mut tls_port = free_port();
+            while tls_port == port || tls_port == admin_port {
+                tls_port = free_port();
+            }
+            let ports = Ports {
+                port,
+                admin: admin.then_some(admin_port),
+                tls: tls.then_some(tls_port),
             };
-            let (stderr, stdout) = (log("stderr.log"), log("stdout.log"));
-            let child = Command::new(binary())
-                .arg("-c")
-                .arg(&config_path)
-                .current_dir(dir.path())
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .expect("spawn postback-proxy");
+            let config_path = dir.path().join("postback-proxy.yaml");
+            fs::write(&config_path, yaml(dir.path(), &ports)).unwrap();
+            let events = events(dir.path());
+            let work = dir.path().to_path_buf();
+            let (child, stderr_path) =
+                spawn_binary(&work, &config_path, &[], "stderr.log", "stdout.log", env);
             let mut proxy = Proxy {
                 dir,
                 port,
                 admin_port: if admin { admin_port } else { 0 },
+                tls_port: if tls { tls_port } else { 0 },
                 events,
                 config_path,
+                work,
+                stderr_path,
+                env: env.to_vec(),
                 child,
                 exited: None,
             };
@@ -358,7 +551,10 @@ impl Proxy {
                     )
                     .is_ok()
             };
-            if ready(self.port) && (self.admin_port == 0 || ready(self.admin_port)) {
+            if ready(self.port)
+                && (self.admin_port == 0 || ready(self.admin_port))
+                && (self.tls_port == 0 || ready(self.tls_port))
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -382,6 +578,91 @@ impl Proxy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// `https://127.0.0.1:TLS_PORT{path}`: the TLS listener.
+    pub fn https_url(&self, path: &str) -> String {
+        assert!(self.tls_port != 0, "this proxy has no TLS listener");
+        format!("https://127.0.0.1:{}{path}", self.tls_port)
+    }
+
+    /// Starts a second process on the same configuration file, in the same working directory,
+    /// with `--upgrade`: it takes over this one's listening sockets through `server.upgrade_sock`
+    /// once this one gets SIGQUIT. Returns at once (the new process binds nothing by itself);
+    /// see [`Proxy::wait_upgrade_sock`]. Its stderr goes to `stderr-upgrade.log`.
+    pub fn start_upgrade(&self) -> Proxy {
+        let (child, stderr_path) = spawn_binary(
+            &self.work,
+            &self.config_path,
+            &["--upgrade"],
+            "stderr-upgrade.log",
+            "stdout-upgrade.log",
+            &self.env,
+        );
+        Proxy {
+            dir: tempfile::tempdir().expect("tempdir"),
+            port: self.port,
+            admin_port: self.admin_port,
+            tls_port: self.tls_port,
+            events: self.events.clone(),
+            config_path: self.config_path.clone(),
+            work: self.work.clone(),
+            stderr_path,
+            env: self.env.clone(),
+            child,
+            exited: None,
+        }
+    }
+
+    /// The harness configuration's `server.upgrade_sock`.
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.work.join("upgrade.sock")
+    }
+
+    /// Waits (up to 20 s) until this process (started by [`Proxy::start_upgrade`]) listens on
+    /// the upgrade socket `sock`, i.e. waits for the old process's listening sockets.
+    pub fn wait_upgrade_sock(&mut self, sock: &Path) {
+        use std::os::unix::fs::FileTypeExt;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.exited = Some(status);
+                panic!(
+                    "the new process exited with {status} before taking over; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if fs::metadata(sock).is_ok_and(|m| m.file_type().is_socket()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no upgrade socket at {} after 20 s; stderr:\n{}",
+                    sock.display(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `true` when this process holds the listening socket of `port` (Linux `/proc`).
+    pub fn owns_listener(&self, port: u16) -> bool {
+        owns_listener(self.child.id(), port)
+    }
+
+    /// `true` while the process runs.
+    pub fn running(&mut self) -> bool {
+        if self.exited.is_some() {
+            return false;
+        }
+        match self.child.try_wait().unwrap() {
+            Some(status) => {
+                self.exited = Some(status);
+                false
+            }
+            None => true,
+        }
+    }
+
     /// `http://127.0.0.1:ADMIN_PORT{path}`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
@@ -389,7 +670,7 @@ impl Proxy {
 
     /// The proxy's stderr so far.
     pub fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
     /// The records in the file sink right now (whole lines only).

@@ -1,0 +1,712 @@
+//! A real browser, as the people whose pages carry the pixel see it: headless Chromium (Debian's
+//! `chromium`, driven by Playwright's `playwright-core` from `tests/browser/drive.mjs`) opens a
+//! page that the test's own origin serves through the proxy, over TLS, so that the page, its
+//! pixel, its beacon and Treasure Data's browser SDK (`td-js-sdk` from npm, self-hosted by the
+//! origin, `host` = the proxy, `pathname: '/td/'`) are all one origin, as on a real site.
+//!
+//! The test then checks the records in the file sink: the browser's real User-Agent in `td_ua`,
+//! the global-id cookie set once on the first load and sent back on the second, and the columns
+//! the SDK sends (`td_url`, `td_title`, `td_client_id`, ...).
+//!
+//! Needs, besides the Rust toolchain: `node` (18 or newer), Debian's `chromium`
+//! (`apt-get install -y chromium`; `CHROMIUM=/path` to use another binary), the npm packages
+//! (`npm ci --prefix tests/browser`) and `openssl` (a throw-away certificate for the proxy's
+//! TLS listener). A missing one fails the test with a message saying how to install it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::Proxy;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// The write key the page carries; allowed for the database `web` only.
+const KEY: &str = "7/browser-test-write-key";
+/// How long the browser run may take in all (launch, two page loads, shutdown).
+const DRIVER_LIMIT: Duration = Duration::from_secs(120);
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Everything the test needs outside Cargo, or a panic saying how to install what is missing.
+fn chromium_or_fail() -> PathBuf {
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    let mut missing = Vec::new();
+    if !chromium.exists() {
+        missing.push(format!(
+            "Chromium at {} (apt-get install -y chromium, or set CHROMIUM=/path/to/chromium)",
+            chromium.display()
+        ));
+    }
+    let node = Command::new("node").arg("--version").output();
+    if !node.as_ref().is_ok_and(|o| o.status.success()) {
+        missing.push("node, 18 or newer (apt-get install -y nodejs npm)".into());
+    }
+    let dir = browser_dir();
+    for file in [
+        "node_modules/playwright-core/package.json",
+        "node_modules/td-js-sdk/dist/td.min.js",
+    ] {
+        if !dir.join(file).exists() {
+            missing.push(format!(
+                "{} (npm ci --prefix tests/browser)",
+                dir.join(file).display()
+            ));
+        }
+    }
+    let openssl = Command::new("openssl").arg("version").output();
+    if !openssl.as_ref().is_ok_and(|o| o.status.success()) {
+        missing.push("openssl (apt-get install -y openssl)".into());
+    }
+    assert!(
+        missing.is_empty(),
+        "the browser test cannot run; missing:\n  {}",
+        missing.join("\n  ")
+    );
+    chromium
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec"])
+        .args(["-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-days", "2", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl could not make a certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// One request the origin served.
+#[derive(Clone, Debug)]
+struct Served {
+    method: String,
+    uri: String,
+    headers: BTreeMap<String, String>,
+}
+
+/// The site behind the proxy: a real HTTP/1.1 server serving the test page at `/landing.html`
+/// and `/shop/item.html`, the SDK at `/vendor/td-js-sdk/td.min.js`, and 404 for anything else.
+struct Site {
+    addr: std::net::SocketAddr,
+    served: Arc<Mutex<Vec<Served>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Site {
+    fn start() -> Site {
+        let dir = browser_dir();
+        let page = std::fs::read_to_string(dir.join("page.html")).expect("read page.html");
+        let sdk = std::fs::read(dir.join("node_modules/td-js-sdk/dist/td.min.js"))
+            .expect("read td.min.js");
+        let (page, sdk) = (Arc::new(page), Bytes::from(sdk));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the origin");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let log = served.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => break,
+                        accepted = listener.accept() => {
+                            let Ok((stream, _)) = accepted else { continue };
+                            let (page, sdk, log) = (page.clone(), sdk.clone(), log.clone());
+                            tokio::spawn(async move {
+                                let service = service_fn(move |req| {
+                                    let answer = Site::answer(&page, &sdk, &log, req);
+                                    async move { Ok::<_, Infallible>(answer) }
+                                });
+                                let _ = http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            });
+                        }
+                    }
+                }
+            });
+        });
+        Site {
+            addr,
+            served,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn answer(
+        page: &str,
+        sdk: &Bytes,
+        log: &Mutex<Vec<Served>>,
+        req: Request<hyper::body::Incoming>,
+    ) -> Response<Full<Bytes>> {
+        log.lock().unwrap().push(Served {
+            method: req.method().to_string(),
+            uri: req.uri().to_string(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+        });
+        let (status, content_type, body) = match req.uri().path() {
+            path @ ("/landing.html" | "/shop/item.html") => (
+                200,
+                "text/html; charset=utf-8",
+                Bytes::from(page.replace("{{write_key}}", KEY).replace("{{page}}", path)),
+            ),
+            "/vendor/td-js-sdk/td.min.js" => (200, "application/javascript", sdk.clone()),
+            _ => (404, "text/plain", Bytes::from_static(b"not found\n")),
+        };
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("cache-control", "no-store")
+            .body(Full::new(body))
+            .unwrap()
+    }
+
+    fn served(&self) -> Vec<Served> {
+        self.served.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The proxy in front of `site`, with a TLS listener using `cert` and `key`, the two routes the
+/// page uses, a write key for `web`, a file sink and a memory buffer. No CORS origins: the page,
+/// the pixel, the beacon and the SDK are all the same origin.
+fn start_proxy(site: &Site, cert: &Path, key: &Path) -> Proxy {
+    let origin = site.addr;
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    Proxy::start_yaml(
+        move |dir, port, _admin| {
+            let dir = dir.display();
+            format!(
+                r#"server:
+  threads: 2
+  grace_period_seconds: 1
+  graceful_shutdown_timeout_seconds: 2
+  upgrade_sock: {dir}/upgrade.sock
+  pid_file: {dir}/proxy.pid
+
+listen:
+  - address: 127.0.0.1:{port}
+    tls: {{ cert: {cert:?}, key: {key:?} }}
+
+upstream:
+  peers: ["{origin}"]
+  connect_timeout: 2s
+  read_timeout: 20s
+
+routes:
+  - path: /postback/v3/event/{{database}}/{{table}}
+    sink: main
+  - path: /td/{{database}}/{{table}}
+    sink: main
+
+auth:
+  write_keys:
+    - key: "{KEY}"
+      databases: ["web"]
+
+postback:
+  cors:
+    allowed_origins: []
+
+sinks:
+  main: {{ type: file, path: "{dir}/events.jsonl" }}
+
+delivery:
+  buffer: memory
+  batch: {{ max_wait: 10ms }}
+"#
+            )
+        },
+        false,
+        |dir| dir.join("events.jsonl"),
+    )
+}
+
+/// Runs `node drive.mjs <url>` (in its own process group, killed whole on a timeout) and returns
+/// what it printed on stdout, parsed.
+fn drive(chromium: &Path, url: &str) -> Value {
+    let dir = browser_dir();
+    let mut child = Command::new("node")
+        .arg(dir.join("drive.mjs"))
+        .arg(url)
+        .current_dir(&dir)
+        .env("CHROMIUM", chromium)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawn node");
+    let pump = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = pump(Box::new(child.stdout.take().unwrap()));
+    let stderr = pump(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + DRIVER_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            // The driver and the browser it started: our own process group.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    match status {
+        None => panic!("the browser run took over {DRIVER_LIMIT:?}; stderr:\n{stderr}"),
+        Some(s) if !s.success() => panic!("drive.mjs failed ({s}); stderr:\n{stderr}"),
+        Some(_) => {}
+    }
+    if !stderr.trim().is_empty() {
+        eprintln!("drive.mjs stderr:\n{stderr}");
+    }
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!("drive.mjs printed no JSON ({e}); stdout:\n{stdout}\nstderr:\n{stderr}")
+    })
+}
+
+/// One request of the browser's network log (see drive.mjs).
+struct Sent<'a>(&'a Value);
+
+impl Sent<'_> {
+    fn path(&self) -> String {
+        let url = self.url();
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let path = rest.find('/').map_or("/", |i| &rest[i..]);
+        path.split('?').next().unwrap().to_owned()
+    }
+    fn url(&self) -> &str {
+        self.0["url"].as_str().unwrap()
+    }
+    fn load(&self) -> u64 {
+        self.0["load"].as_u64().unwrap()
+    }
+    fn request_header(&self, name: &str) -> Option<&str> {
+        self.0["requestHeaders"][name].as_str()
+    }
+    /// Every value of response header `name` (Set-Cookie can repeat).
+    fn response_headers(&self, name: &str) -> Vec<&str> {
+        self.0["responseHeaders"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|h| h["name"].as_str().unwrap().eq_ignore_ascii_case(name))
+                    .map(|h| h["value"].as_str().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    fn cookie(&self, name: &str) -> Option<String> {
+        self.request_header("cookie")?.split(';').find_map(|c| {
+            let (n, v) = c.trim().split_once('=')?;
+            (n == name).then(|| v.to_owned())
+        })
+    }
+}
+
+/// The cookie `name` the browser held after a page load.
+fn cookie<'a>(load: &'a Value, name: &str) -> &'a Value {
+    load["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no cookie {name} after {}: {load:#}", load["url"]))
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[test]
+fn chromium_pixel_beacon_and_td_js_sdk_through_the_proxy() {
+    let chromium = chromium_or_fail();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(certs.path());
+    let site = Site::start();
+    let proxy = start_proxy(&site, &cert, &key);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let first_url = format!("https://{host}/landing.html?load=1");
+    let second_url = format!("https://{host}/shop/item.html?load=2");
+
+    let started = common::now();
+    let run = drive(&chromium, &first_url);
+    let context = || format!("browser run: {run:#}\nproxy stderr:\n{}", proxy.stderr());
+    let ua = run["userAgent"].as_str().unwrap().to_owned();
+    assert!(ua.starts_with("Mozilla/5.0 "), "userAgent {ua:?}");
+    let headless = ua.to_ascii_lowercase().contains("headlesschrome");
+
+    // What the page itself saw: every send answered with success.
+    let loads = run["loads"].as_array().unwrap();
+    assert_eq!(loads.len(), 2);
+    for (load, url) in loads.iter().zip([&first_url, &second_url]) {
+        assert_eq!(load["url"], url.as_str());
+        let state = &load["state"];
+        assert_eq!(state["pixel"], "loaded", "{}", context());
+        assert_eq!(state["beacon"], "queued", "{}", context());
+        assert_eq!(state["pageviews"], "ok", "{}", context());
+        assert_eq!(state["events"], "ok", "{}", context());
+        assert_eq!(state["errors"], serde_json::json!([]), "{}", context());
+    }
+
+    // The global-id cookie: one value, held across both loads, as the proxy sets it.
+    let gid_cookie = cookie(&loads[0], "_td_global");
+    let gid = gid_cookie["value"].as_str().unwrap().to_owned();
+    assert!(is_uuid(&gid), "global id {gid:?}");
+    assert_eq!(gid_cookie["httpOnly"], true);
+    assert_eq!(gid_cookie["secure"], true, "set over TLS: Secure");
+    assert_eq!(gid_cookie["sameSite"], "Lax");
+    assert_eq!(gid_cookie["path"], "/");
+    assert_eq!(cookie(&loads[1], "_td_global")["value"], gid.as_str());
+    // The SDK's own client id cookie (signed mode), also kept across loads.
+    let client_id = cookie(&loads[0], "_td")["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(is_uuid(&client_id), "td_client_id {client_id:?}");
+    assert_eq!(cookie(&loads[1], "_td")["value"], client_id.as_str());
+
+    // The network log: every request to a postback route answered by the proxy with 200; only
+    // the very first (the pixel of the first load, sent without the cookie) got a Set-Cookie;
+    // everything after it carried the cookie.
+    let requests: Vec<Sent> = run["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Sent)
+        .collect();
+    let postbacks: Vec<&Sent> = requests
+        .iter()
+        .filter(|r| r.path().starts_with("/postback/") || r.path().starts_with("/td/"))
+        .collect();
+    let kinds: Vec<(u64, String)> = postbacks.iter().map(|r| (r.load(), r.path())).collect();
+    let mut expected = Vec::new();
+    for load in [1, 2] {
+        for path in [
+            "/postback/v3/event/web/pixels",
+            "/postback/v3/event/web/beacons",
+            "/td/web/pageviews",
+            "/td/web/events",
+        ] {
+            expected.push((load, path.to_owned()));
+        }
+    }
+    let mut sorted = kinds.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "the postback requests; {}", context());
+    assert_eq!(
+        kinds[0],
+        (1, "/postback/v3/event/web/pixels".to_owned()),
+        "the pixel goes first"
+    );
+    for (i, r) in postbacks.iter().enumerate() {
+        let what = format!("{} {}", r.0["method"], r.url());
+        assert_eq!(r.0["status"], 200, "{what}: {}", context());
+        assert_eq!(
+            r.request_header("user-agent"),
+            Some(ua.as_str()),
+            "{what}: the User-Agent header is navigator.userAgent"
+        );
+        let set_cookies: Vec<&str> = r
+            .response_headers("set-cookie")
+            .into_iter()
+            .filter(|c| c.starts_with("_td_global="))
+            .collect();
+        if i == 0 {
+            assert_eq!(r.cookie("_td_global"), None, "{what}: a new visitor");
+            assert_eq!(set_cookies.len(), 1, "{what}: {set_cookies:?}");
+            let set = set_cookies[0];
+            assert!(set.starts_with(&format!("_td_global={gid}; ")), "{set}");
+            for attribute in ["Path=/", "HttpOnly", "Secure", "SameSite=Lax", "Max-Age="] {
+                assert!(set.contains(attribute), "{set} lacks {attribute}");
+            }
+        } else {
+            assert_eq!(set_cookies, Vec::<&str>::new(), "{what}: set only once");
+            assert_eq!(
+                r.cookie("_td_global").as_deref(),
+                Some(gid.as_str()),
+                "{what}"
+            );
+        }
+    }
+    // The beacon: a form POST (URLSearchParams), the key in the body.
+    for r in postbacks.iter().filter(|r| r.path().ends_with("/beacons")) {
+        assert_eq!(r.0["method"], "POST");
+        assert_eq!(
+            r.request_header("content-type"),
+            Some("application/x-www-form-urlencoded;charset=UTF-8")
+        );
+        assert!(r.0["postData"]
+            .as_str()
+            .unwrap()
+            .contains("td_write_key=7%2Fbrowser-test-write-key"));
+        assert_eq!(r.response_headers("content-type"), ["application/json"]);
+    }
+    // td-js-sdk: POST to https://{host}/td/{database}/{table}?modified=<ms>, authenticated with
+    // `Authorization: TD1 KEY`, one event per request as {"events":[{...}]}. In signed mode with
+    // td_global_id requested it uses the `.js+json` media type.
+    let sdk_requests: Vec<&&Sent> = postbacks
+        .iter()
+        .filter(|r| r.path().starts_with("/td/"))
+        .collect();
+    for r in &sdk_requests {
+        let what = r.url().to_owned();
+        assert_eq!(r.0["method"], "POST", "{what}");
+        let (base, query) = what.split_once('?').unwrap();
+        assert_eq!(base, format!("https://{host}{}", r.path()));
+        let modified = query
+            .strip_prefix("modified=")
+            .unwrap_or_else(|| panic!("{what}"));
+        assert!(modified.bytes().all(|b| b.is_ascii_digit()), "{what}");
+        assert_eq!(
+            r.request_header("authorization"),
+            Some(format!("TD1 {KEY}").as_str()),
+            "{what}"
+        );
+        assert_eq!(
+            r.request_header("content-type"),
+            Some("application/vnd.treasuredata.v1.js+json"),
+            "{what}"
+        );
+        let body: Value = serde_json::from_str(r.0["postData"].as_str().unwrap()).unwrap();
+        let events = body["events"].as_array().expect("{\"events\": [...]}");
+        assert_eq!(events.len(), 1, "{what}: {body}");
+        assert_eq!(events[0]["td_global_id"], "td_global_id");
+        assert_eq!(events[0]["td_client_id"], client_id.as_str());
+    }
+
+    // The origin served the pages and the SDK, and never saw a postback.
+    let served = site.served();
+    let uris: Vec<&str> = served.iter().map(|s| s.uri.as_str()).collect();
+    for uri in [
+        "/landing.html?load=1",
+        "/shop/item.html?load=2",
+        "/vendor/td-js-sdk/td.min.js",
+    ] {
+        assert!(
+            uris.contains(&uri),
+            "the origin never served {uri}: {uris:?}"
+        );
+    }
+    assert!(
+        !uris
+            .iter()
+            .any(|u| u.starts_with("/postback/") || u.starts_with("/td/")),
+        "a postback reached the origin: {uris:?}"
+    );
+    let page_request = served
+        .iter()
+        .find(|s| s.uri == "/landing.html?load=1")
+        .unwrap();
+    assert_eq!(page_request.method, "GET");
+    assert_eq!(
+        page_request.headers.get("user-agent").map(String::as_str),
+        Some(ua.as_str())
+    );
+    assert_eq!(
+        page_request
+            .headers
+            .get("x-forwarded-proto")
+            .map(String::as_str),
+        Some("https")
+    );
+
+    // The records: eight, two per table (one per page load), all in the database `web`.
+    let records = proxy.records(8);
+    assert_eq!(records.len(), 8, "{records:#?}");
+    let mut by_table: BTreeMap<String, Vec<BTreeMap<String, Value>>> = BTreeMap::new();
+    for r in &records {
+        assert_eq!(r["database"], "web", "{r}");
+        let fields: BTreeMap<String, Value> = r["record"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        by_table
+            .entry(r["table"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(fields);
+    }
+    assert_eq!(
+        by_table.keys().collect::<Vec<_>>(),
+        ["beacons", "events", "pageviews", "pixels"],
+        "{records:#?}"
+    );
+    let finished = common::now();
+    for (table, rows) in &by_table {
+        assert_eq!(rows.len(), 2, "{table}: {rows:#?}");
+        for row in rows {
+            let what = format!("{table} record {row:#?}");
+            let time = row["time"].as_i64().expect("time is an integer");
+            assert!(
+                (started..=finished).contains(&time),
+                "{what}: the receive time"
+            );
+            // Filled in by the proxy from the request: the browser's own User-Agent header,
+            // the TCP peer, the cookie.
+            assert_eq!(row["td_ua"], ua.as_str(), "{what}");
+            assert_eq!(row["td_ip"], "127.0.0.1", "{what}");
+            assert_eq!(row["td_global_id"], gid.as_str(), "{what}");
+            // A headless browser is a robot to the default privacy rules: kept, and flagged.
+            if headless {
+                assert_eq!(row["td_bot"], "user_agent", "{what}");
+            } else {
+                assert!(!row.contains_key("td_bot"), "{what}");
+            }
+            for never in ["td_write_key", "td_format", "authorization"] {
+                assert!(!row.contains_key(never), "{what}");
+            }
+            for (name, value) in row {
+                if name != "time" {
+                    assert!(value.is_string(), "{what}: {name} is not a string");
+                }
+            }
+        }
+    }
+    let page_of = |row: &BTreeMap<String, Value>| row["page"].as_str().unwrap().to_owned();
+    let pages = ["/landing.html", "/shop/item.html"];
+    // The <img> pixel: its query's columns.
+    let pixels = &by_table["pixels"];
+    assert_eq!(pixels.iter().map(page_of).collect::<Vec<_>>(), pages);
+    for row in pixels {
+        let columns: Vec<&str> = row.keys().map(String::as_str).collect();
+        let mut expected = vec!["page", "td_global_id", "td_ip", "td_ua", "time"];
+        if headless {
+            expected.push("td_bot");
+            expected.sort();
+        }
+        assert_eq!(columns, expected, "{row:#?}");
+    }
+    // The beacon: its form body's columns.
+    let beacons = &by_table["beacons"];
+    assert_eq!(beacons.iter().map(page_of).collect::<Vec<_>>(), pages);
+    for row in beacons {
+        assert_eq!(row["kind"], "beacon");
+    }
+    // td-js-sdk: trackPageview and trackEvent, with the SDK's own columns.
+    let sdk_version = "4.4.3";
+    for table in ["pageviews", "events"] {
+        let rows = &by_table[table];
+        for (i, row) in rows.iter().enumerate() {
+            let what = format!("{table} record {row:#?}");
+            let (url, path) = [
+                (&first_url, "/landing.html"),
+                (&second_url, "/shop/item.html"),
+            ][i];
+            assert_eq!(row["td_url"], url.as_str(), "{what}");
+            assert_eq!(row["td_host"], host.as_str(), "{what}");
+            assert_eq!(row["td_path"], path, "{what}");
+            assert_eq!(
+                row["td_title"],
+                format!("Browser test {path}").as_str(),
+                "{what}"
+            );
+            assert_eq!(
+                row["td_referrer"],
+                if i == 0 { "" } else { first_url.as_str() },
+                "{what}"
+            );
+            assert_eq!(row["td_client_id"], client_id.as_str(), "{what}");
+            assert_eq!(row["td_version"], sdk_version, "{what}");
+            assert_eq!(
+                row["td_user_agent"],
+                format!("{ua};JSSDK/{sdk_version}").as_str(),
+                "{what}"
+            );
+            assert_eq!(row["td_charset"], "utf-8", "{what}");
+            assert_eq!(
+                row["td_description"], "postback-proxy browser test page",
+                "{what}"
+            );
+            for name in [
+                "td_language",
+                "td_color",
+                "td_screen",
+                "td_viewport",
+                "td_platform",
+            ] {
+                assert!(
+                    row.get(name)
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| !v.is_empty()),
+                    "{what}: {name}"
+                );
+            }
+        }
+    }
+    for row in &by_table["events"] {
+        assert_eq!(row["action"], "add_to_cart", "{row:#?}");
+        assert_eq!(row["value"], "42", "numbers become their JSON text");
+        assert_eq!(row["label"], "caf\u{e9} \"quoted\"", "{row:#?}");
+    }
+}
