@@ -80,12 +80,12 @@ impl Writer {
                 }
                 continue;
             }
-            // Wait up to max_wait for the batch to fill, unless shutting down.
-            let deadline = tokio::time::Instant::now() + self.policy.max_wait;
-            while batch.len() < self.policy.max_records && closing.borrow().is_none() {
+            // A batch that is not full waits out max_wait (unless shutting down) and takes what
+            // arrived meanwhile. It is not woken per arrival: under load that would cost a
+            // thread wake-up per request.
+            if batch.len() < self.policy.max_records && closing.borrow().is_none() {
                 tokio::select! {
-                    _ = self.lane.buffer.arrived() => {}
-                    _ = sleep_until(deadline) => break,
+                    _ = sleep_until(tokio::time::Instant::now() + self.policy.max_wait) => {}
                     _ = closing.changed() => {}
                 }
                 self.lane
