@@ -82,14 +82,7 @@ fn check(config: &Config) -> Result<Checked, Vec<Problem>> {
             ));
         }
         if let Some(tls) = &l.tls {
-            for (what, path) in [("cert", &tls.cert), ("key", &tls.key)] {
-                if !path.is_file() {
-                    problems.push(Problem::new(
-                        format!("listen[{i}].tls.{what}"),
-                        format!("`{}` is not a readable file", path.display()),
-                    ));
-                }
-            }
+            problems.extend(check_tls_files(tls, &format!("listen[{i}].tls")));
         }
     }
     if let Some(admin) = &config.admin {
@@ -119,6 +112,45 @@ fn check(config: &Config) -> Result<Checked, Vec<Problem>> {
         }),
         _ => Err(problems),
     }
+}
+
+/// Loads a listener's certificate chain and key as Pingora will, so a bad pair is a problem
+/// named by its field rather than a failure of the running server.
+fn check_tls_files(tls: &crate::config::TlsConfig, field: &str) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (what, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+        if !path.is_file() {
+            problems.push(Problem::new(
+                format!("{field}.{what}"),
+                format!("`{}` is not a readable file", path.display()),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return problems;
+    }
+    let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
+    let loaded = match pingora::tls::load_certs_and_key_files(&cert, &key) {
+        Ok(Some(pair)) => pair,
+        _ => return vec![Problem::new(
+            format!("{field}.cert"),
+            format!(
+                "cannot load a PEM certificate chain from `{cert}` and a private key from `{key}`"
+            ),
+        )],
+    };
+    crate::tls::install_crypto_provider();
+    let (certs, key_der) = loaded;
+    if let Err(e) = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+    {
+        problems.push(Problem::new(
+            format!("{field}.key"),
+            format!("does not fit the certificate in `{cert}`: {e}"),
+        ));
+    }
+    problems
 }
 
 /// Checks `config` as `--check` does; an empty list means it would start.

@@ -109,7 +109,12 @@ impl Upstream {
                 check.peer_template.options.verify_hostname = cfg.verify_cert;
                 Box::new(check)
             }
-            None if cfg.tls => TcpHealthCheck::new_tls(&sni_of(cfg)),
+            None if cfg.tls => {
+                let mut check = TcpHealthCheck::new_tls(&sni_of(cfg));
+                check.peer_template.options.verify_cert = cfg.verify_cert;
+                check.peer_template.options.verify_hostname = cfg.verify_cert;
+                check
+            }
             None => TcpHealthCheck::new(),
         };
         balancer.set_health_check(check);
