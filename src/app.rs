@@ -132,12 +132,14 @@ fn check_tls_files(tls: &crate::config::TlsConfig, field: &str) -> Vec<Problem> 
     let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
     let loaded = match pingora::tls::load_certs_and_key_files(&cert, &key) {
         Ok(Some(pair)) => pair,
-        _ => return vec![Problem::new(
-            format!("{field}.cert"),
-            format!(
+        _ => {
+            return vec![Problem::new(
+                format!("{field}.cert"),
+                format!(
                 "cannot load a PEM certificate chain from `{cert}` and a private key from `{key}`"
             ),
-        )],
+            )]
+        }
     };
     crate::tls::install_crypto_provider();
     let (certs, key_der) = loaded;
@@ -219,7 +221,7 @@ impl App {
             group: s.group.clone(),
             ..ServerConf::default()
         };
-        conf.work_stealing = true;
+        conf.work_stealing = s.work_stealing;
         let opt = Opt {
             upgrade,
             daemon: conf.daemon,

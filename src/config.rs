@@ -121,6 +121,9 @@ pub struct ServerSettings {
     pub user: Option<String>,
     /// Drop privileges to this group after binding (daemon mode).
     pub group: Option<String>,
+    /// Let idle worker threads take tasks from busy ones (Pingora's `work_stealing`); `false`
+    /// gives each thread its own single-threaded runtime.
+    pub work_stealing: bool,
 }
 
 impl Default for ServerSettings {
@@ -135,6 +138,7 @@ impl Default for ServerSettings {
             error_log: None,
             user: None,
             group: None,
+            work_stealing: true,
         }
     }
 }

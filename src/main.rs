@@ -4,8 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use mimalloc::MiMalloc;
 use postback_proxy::app::{self, App};
 use postback_proxy::config::{Config, ConfigError};
+
+/// mimalloc: the proxy allocates and frees many small buffers per request, and glibc's allocator
+/// showed up at about an eighth of the CPU time in profiles.
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 /// A Pingora reverse proxy that answers Treasure Data compatible tracking-pixel postbacks and
 /// forwards every other request to the origin.
