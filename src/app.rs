@@ -98,6 +98,12 @@ fn check(config: &Config) -> Result<Checked, Vec<Problem>> {
             ));
         }
     }
+    if config.server.keepalive_timeout_seconds == 0 {
+        problems.push(Problem::new(
+            "server.keepalive_timeout_seconds",
+            "must be at least 1",
+        ));
+    }
     if config.server.threads == 0 {
         problems.push(Problem::new("server.threads", "must be at least 1"));
     }
@@ -195,8 +201,13 @@ impl App {
             )]
         })?;
         let delivery = Arc::new(delivery);
-        let proxy =
-            PostbackProxy::new(checked.router, checked.postback, delivery.clone(), upstream);
+        let proxy = PostbackProxy::new(
+            checked.router,
+            checked.postback,
+            delivery.clone(),
+            upstream,
+            config.server.keepalive_timeout_seconds,
+        );
         Ok(App {
             config,
             proxy,

@@ -124,6 +124,8 @@ pub struct ServerSettings {
     /// Let idle worker threads take tasks from busy ones (Pingora's `work_stealing`); `false`
     /// gives each thread its own single-threaded runtime.
     pub work_stealing: bool,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keepalive_timeout_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -139,6 +141,7 @@ impl Default for ServerSettings {
             user: None,
             group: None,
             work_stealing: true,
+            keepalive_timeout_seconds: 60,
         }
     }
 }

@@ -379,6 +379,12 @@ impl Postback {
                     .inc_by(records.len() as u64);
                 for r in &mut records {
                     r.body.columns.insert("td_bot".into(), why.into());
+                    if r.body.columns.len() > self.max_columns {
+                        return Err(Refusal::new(
+                            ErrorKind::PayloadTooLarge,
+                            format!("more than {} columns (td_bot included)", self.max_columns),
+                        ));
+                    }
                 }
             }
             if assessment.opted_out.is_some() {

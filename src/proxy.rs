@@ -29,6 +29,8 @@ pub struct PostbackProxy {
     upstream: Upstream,
     /// Postbacks per client address in the current second (with `postback.rate_limit`).
     rate: Rate,
+    /// Seconds an idle keep-alive connection waits for its next request.
+    keepalive_timeout: u64,
 }
 
 /// Per-request state.
@@ -45,6 +47,7 @@ impl PostbackProxy {
         postback: Postback,
         delivery: Arc<Delivery>,
         upstream: Upstream,
+        keepalive_timeout: u64,
     ) -> Self {
         PostbackProxy {
             router,
@@ -52,6 +55,7 @@ impl PostbackProxy {
             delivery,
             upstream,
             rate: Rate::new(std::time::Duration::from_secs(1)),
+            keepalive_timeout,
         }
     }
 
@@ -200,10 +204,13 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, Refus
             }
             Ok(None) => return Ok(body),
             Err(e) => {
+                // The framing is broken: what follows on this connection cannot be trusted to be
+                // a request boundary, so the connection closes after the answer.
+                session.set_keepalive(None);
                 return Err(Refusal::new(
                     ErrorKind::BadRequest,
                     format!("cannot read the request body: {:?}", e.etype()),
-                ))
+                ));
             }
         }
     }
@@ -251,6 +258,11 @@ impl ProxyHttp for PostbackProxy {
 
     /// Runs for every request: answers postbacks here (returns `true`), lets the rest through.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Pingora keeps an HTTP/1.1 connection open for ever between requests; bound the wait for
+        // the next one, unless it already decided to close the connection.
+        if session.get_keepalive() == Some(0) {
+            session.set_keepalive(Some(self.keepalive_timeout));
+        }
         let Some(found) = self.router.find(session.req_header().uri.path()) else {
             return Ok(false);
         };

@@ -89,12 +89,17 @@ impl RedirectPolicy {
             Some(Host::Ipv6(ip)) => format!("[{ip}]"),
             None => return Err(RedirectError::NotAbsoluteHttp),
         };
-        let host = host.trim_end_matches('.');
+        // One trailing dot (the root) is allowed; empty labels are not.
+        let host = host.strip_suffix('.').unwrap_or(&host);
+        if host.split('.').any(str::is_empty) {
+            return Err(RedirectError::HostNotAllowed);
+        }
         let allowed = self.allowed.iter().any(|p| match p {
             HostPattern::Exact(h) => host == h,
             HostPattern::Subdomains(parent) => host
                 .strip_suffix(parent.as_str())
-                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                .and_then(|sub| sub.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty()),
         });
         if allowed {
             Ok(url)

@@ -81,7 +81,10 @@ fuzz_target!(|data: &[u8]| {
     // X-Forwarded-For.
     let peer = match input.peer {
         None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        Some(text) => match std::str::from_utf8(text).ok().and_then(|t| t.trim().parse().ok()) {
+        Some(text) => match std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
             Some(ip) => ip,
             None => return,
         },

@@ -87,6 +87,9 @@ fuzz_target!(|data: &[u8]| {
     torn[at] ^= rec.flip_with.max(1);
     check_raw(&torn);
     if let Frame::Record { record: r, .. } = decode_frame(&torn) {
-        assert_eq!(r, record, "a corrupt frame decoded to another record (byte {at})");
+        assert_eq!(
+            r, record,
+            "a corrupt frame decoded to another record (byte {at})"
+        );
     }
 });

@@ -108,9 +108,7 @@ fuzz_target!(|data: &[u8]| {
             );
             match m {
                 RouteMatch::Postback {
-                    database,
-                    table: t,
-                    ..
+                    database, table: t, ..
                 } => {
                     assert!(valid_name(&database) && valid_name(&t));
                     assert_eq!((&database, &t), (&db, &table), "{path:?}");
