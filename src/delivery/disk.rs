@@ -27,7 +27,7 @@ use log::{error, info, warn};
 use tokio::sync::{watch, Notify};
 
 use super::DeliveryError;
-use crate::config::{FsyncPolicy, WhenFull};
+use crate::config::FsyncPolicy;
 use crate::metrics;
 use crate::record::Record;
 
@@ -163,7 +163,6 @@ pub struct DiskLog {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
-    when_full: WhenFull,
     fsync: FsyncPolicy,
     write: Mutex<WriteState>,
     live: Mutex<LiveSegment>,
@@ -193,18 +192,16 @@ impl DiskLog {
         sink: &str,
         dir: &Path,
         max_bytes: u64,
-        when_full: WhenFull,
         fsync: FsyncPolicy,
     ) -> std::io::Result<DiskLog> {
         let segment_bytes = (max_bytes / 8).clamp(1 << 20, 64 << 20);
-        Self::open_with_segments(sink, dir, max_bytes, when_full, fsync, segment_bytes)
+        Self::open_with_segments(sink, dir, max_bytes, fsync, segment_bytes)
     }
 
     fn open_with_segments(
         sink: &str,
         dir: &Path,
         max_bytes: u64,
-        when_full: WhenFull,
         fsync: FsyncPolicy,
         segment_bytes: u64,
     ) -> std::io::Result<DiskLog> {
@@ -254,7 +251,6 @@ impl DiskLog {
             dir,
             max_bytes,
             segment_bytes,
-            when_full,
             fsync,
             write: Mutex::new(WriteState {
                 pending: Group::new(),
@@ -361,16 +357,7 @@ impl DiskLog {
                 return Err(DeliveryError::Closed);
             }
             if self.spool_bytes.load(Ordering::Relaxed) + size > self.max_bytes {
-                drop(state);
-                return match self.when_full {
-                    WhenFull::Reject => Err(DeliveryError::Full),
-                    WhenFull::Drop => {
-                        metrics::RECORDS
-                            .with_label_values(&[&self.sink, "dropped"])
-                            .inc_by(n);
-                        Ok(())
-                    }
-                };
+                return Err(DeliveryError::Full);
             }
             self.spool_bytes.fetch_add(size, Ordering::Relaxed);
             state.pending.bytes.extend_from_slice(&frames);
@@ -870,8 +857,7 @@ mod tests {
 
     fn open_segments(dir: &Path, max: u64, segment_bytes: u64) -> Arc<DiskLog> {
         let fsync = FsyncPolicy::Every(HumanDuration::millis(50));
-        let log =
-            DiskLog::open_with_segments("main", dir, max, WhenFull::Reject, fsync, segment_bytes);
+        let log = DiskLog::open_with_segments("main", dir, max, fsync, segment_bytes);
         let log = Arc::new(log.unwrap());
         log.start_threads().unwrap();
         log

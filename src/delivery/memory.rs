@@ -7,7 +7,6 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use super::DeliveryError;
-use crate::config::WhenFull;
 use crate::metrics;
 use crate::record::Record;
 
@@ -21,13 +20,12 @@ pub struct MemoryQueue {
     sink: String,
     state: Mutex<State>,
     capacity: usize,
-    when_full: WhenFull,
     arrived: Notify,
 }
 
 impl MemoryQueue {
     /// An empty queue for the sink `sink` holding at most `capacity` records.
-    pub fn new(sink: &str, capacity: usize, when_full: WhenFull) -> Self {
+    pub fn new(sink: &str, capacity: usize) -> Self {
         MemoryQueue {
             sink: sink.to_owned(),
             state: Mutex::new(State {
@@ -35,7 +33,6 @@ impl MemoryQueue {
                 closed: false,
             }),
             capacity,
-            when_full,
             arrived: Notify::new(),
         }
     }
@@ -54,16 +51,7 @@ impl MemoryQueue {
                 return Err(DeliveryError::Closed);
             }
             if state.records.len() + n > self.capacity {
-                drop(state);
-                return match self.when_full {
-                    WhenFull::Reject => Err(DeliveryError::Full),
-                    WhenFull::Drop => {
-                        metrics::RECORDS
-                            .with_label_values(&[&self.sink, "dropped"])
-                            .inc_by(n as u64);
-                        Ok(())
-                    }
-                };
+                return Err(DeliveryError::Full);
             }
             state.records.extend(records.into_iter().map(|r| (now, r)));
         }

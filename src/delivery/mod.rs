@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use tokio::sync::watch;
 
-use crate::config::{BufferKind, DeliveryConfig, Problem};
+use crate::config::{BufferKind, DeliveryConfig, Problem, WhenFull};
 use crate::metrics;
 use crate::record::Record;
 use crate::route::SinkId;
@@ -139,6 +139,7 @@ pub struct Delivery {
     /// `None` while running; at shutdown, the instant after which a failing sink is given up on.
     closing: watch::Sender<Option<Instant>>,
     started: AtomicBool,
+    when_full: WhenFull,
 }
 
 impl Delivery {
@@ -188,14 +189,11 @@ impl Delivery {
         let mut writers = Vec::new();
         for (name, sink) in sinks {
             let buffer = match cfg.buffer {
-                BufferKind::Memory => {
-                    Buffer::Memory(MemoryQueue::new(&name, cfg.queue_records, cfg.when_full))
-                }
+                BufferKind::Memory => Buffer::Memory(MemoryQueue::new(&name, cfg.queue_records)),
                 BufferKind::Disk => Buffer::Disk(Arc::new(DiskLog::open(
                     &name,
                     &cfg.dir,
                     cfg.max_bytes.0,
-                    cfg.when_full,
                     cfg.fsync,
                 )?)),
             };
@@ -218,6 +216,7 @@ impl Delivery {
             thread: Mutex::new(None),
             closing,
             started: AtomicBool::new(false),
+            when_full: cfg.when_full,
         })
     }
 
@@ -228,9 +227,18 @@ impl Delivery {
         if records.is_empty() {
             return Ok(());
         }
-        match self.lanes.get(sink) {
-            Some(lane) => lane.buffer.push(records).await,
-            None => Err(DeliveryError::Closed),
+        let Some(lane) = self.lanes.get(sink) else {
+            return Err(DeliveryError::Closed);
+        };
+        let n = records.len() as u64;
+        match lane.buffer.push(records).await {
+            Err(DeliveryError::Full) if self.when_full == WhenFull::Drop => {
+                metrics::RECORDS
+                    .with_label_values(&[&lane.name, "dropped"])
+                    .inc_by(n);
+                Ok(())
+            }
+            result => result,
         }
     }
 
