@@ -36,6 +36,8 @@ pub mod redirect;
 pub mod response;
 pub mod route;
 pub mod sink;
+mod sync;
+pub mod template;
 pub mod tls;
 pub mod units;
 pub mod upstream;

@@ -108,6 +108,31 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Checks an address written `host:port`: a non-empty host name or IPv4 address, or an IPv6 address
+/// in brackets, and a port from 1 to 65535. Used for every peer address of the configuration
+/// (Kafka brokers, the Fluentd forward input), so they accept and refuse the same things.
+pub fn check_host_port(address: &str) -> Result<(), &'static str> {
+    const SHAPE: &str = "must be host:port with a port from 1 to 65535 (IPv6 in brackets)";
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(SHAPE);
+    };
+    let host_ok = if let Some(inner) = host.strip_prefix('[') {
+        inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty() && !host.contains([':', '/', ' ', '[', ']', ','])
+            && !host.contains(char::is_whitespace)
+    };
+    if !host_ok {
+        return Err(SHAPE);
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
+        _ => Err(SHAPE),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ use super::DeliveryError;
 use crate::config::FsyncPolicy;
 use crate::metrics;
 use crate::record::Record;
+use crate::sync::lock;
 
 const HEADER: usize = 16;
 /// A frame longer than this is corrupt (records are bounded by the request limits long before).
@@ -179,9 +180,6 @@ pub struct DiskLog {
     sync_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl DiskLog {
     /// Opens (or creates) the log of sink `sink` under `dir`, recovers the checkpoint, and starts

@@ -14,7 +14,7 @@ use super::Lane;
 use crate::config::DeliveryConfig;
 use crate::metrics;
 use crate::record::Record;
-use crate::sink::{LogSink, Rejection};
+use crate::sink::{Batch, LogSink, Rejection};
 
 /// How batches are formed and failures retried (`delivery.batch`, `delivery.retry`).
 #[derive(Clone, Debug)]
@@ -113,7 +113,7 @@ impl Writer {
             .with_label_values(&[&self.lane.name])
             .observe(batch.len() as f64);
         loop {
-            match self.sink.write_batch(batch).await {
+            match self.sink.write_batch(&Batch::new(batch, String::new())).await {
                 Ok(rejections) => {
                     self.lane.healthy.store(true, Ordering::Relaxed);
                     let delivered = batch.len() - rejections.len();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{LogSink, Rejection, SinkError};
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::config::{FileSinkConfig, Problem};
 use crate::record::Record;
 
@@ -155,7 +155,7 @@ fn rotated_name(path: &Path) -> PathBuf {
 
 #[async_trait]
 impl LogSink for FileSink {
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError> {
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         self.write_lines(batch)
             .map_err(|e| SinkError(format!("cannot write {}: {e}", self.path.display())))?;
         Ok(Vec::new())
@@ -213,8 +213,8 @@ mod tests {
         };
         let sink = FileSink::open(&cfg).unwrap();
         let batch: Vec<Record> = (0..10).map(record).collect();
-        sink.write_batch(&batch[..7]).await.unwrap();
-        sink.write_batch(&batch[7..]).await.unwrap();
+        sink.write_batch(&Batch::new(&batch[..7], String::new())).await.unwrap();
+        sink.write_batch(&Batch::new(&batch[7..], String::new())).await.unwrap();
         sink.close().await.unwrap();
         let (files, lines) = lines_in(&dir.path().join("out"));
         let mut one = Vec::new();
@@ -247,9 +247,9 @@ mod tests {
             },
         };
         let sink = FileSink::open(&cfg).unwrap();
-        sink.write_batch(&[record(1)]).await.unwrap();
+        sink.write_batch(&Batch::new(&[record(1)], String::new())).await.unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        sink.write_batch(&[record(2)]).await.unwrap();
+        sink.write_batch(&Batch::new(&[record(2)], String::new())).await.unwrap();
         let (files, lines) = lines_in(dir.path());
         assert_eq!((files, lines.len()), (2, 2));
         assert!(rotated_name(&cfg.path)

@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::timeout;
 
-use super::{LogSink, Rejection, SinkError};
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::config::{FluentSinkConfig, Problem};
 use crate::record::Record;
 
@@ -303,7 +303,7 @@ async fn read_ack(stream: &mut TcpStream) -> Result<String, String> {
 
 #[async_trait]
 impl LogSink for FluentSink {
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError> {
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -627,9 +627,9 @@ mod tests {
                 record("ads", "x", 11, &[("n", "2")]),
                 record("web", "pv", 12, &[("n", "3")]),
             ];
-            assert_eq!(sink.write_batch(&batch).await.unwrap(), vec![]);
+            assert_eq!(sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap(), vec![]);
             assert_eq!(
-                sink.write_batch(&batch[1..2]).await.unwrap(),
+                sink.write_batch(&Batch::new(&batch[1..2], String::new())).await.unwrap(),
                 vec![],
                 "the second batch goes over the same connection"
             );
@@ -684,11 +684,11 @@ mod tests {
         let sink = FluentSink::open("f", &config(&address)).unwrap();
         let batch = vec![record("web", "pv", 10, &[("n", "1")])];
         bounded(async {
-            let e = sink.write_batch(&batch).await.unwrap_err();
+            let e = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
             assert!(e.0.contains("not-the-chunk"), "{e}");
-            let e = sink.write_batch(&batch).await.unwrap_err();
+            let e = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
             assert!(e.0.contains("closed"), "{e}");
-            sink.write_batch(&batch).await.unwrap();
+            sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap();
             sink.close().await.unwrap();
             task.await.unwrap();
         })
@@ -707,7 +707,7 @@ mod tests {
         let sink = FluentSink::open("f", &cfg).unwrap();
         bounded(async {
             let e = sink
-                .write_batch(&[record("web", "pv", 1, &[])])
+                .write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
                 .await
                 .unwrap_err();
             assert!(e.0.contains("did not acknowledge"), "{e}");
@@ -734,7 +734,7 @@ mod tests {
         cfg.require_ack = false;
         let sink = FluentSink::open("f", &cfg).unwrap();
         bounded(async {
-            sink.write_batch(&[record("web", "pv", 1, &[])])
+            sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
                 .await
                 .unwrap();
             let first = seen_rx.recv().await.unwrap();
@@ -749,7 +749,7 @@ mod tests {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            sink.write_batch(&[record("web", "pv", 2, &[])])
+            sink.write_batch(&Batch::new(&[record("web", "pv", 2, &[])], String::new()))
                 .await
                 .unwrap();
             let second = seen_rx.recv().await.unwrap();
@@ -773,10 +773,10 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let sink = FluentSink::open("f", &config(&address)).unwrap();
-        let e = bounded(sink.write_batch(&[record("web", "pv", 1, &[])]))
+        let e = bounded(sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new())))
             .await
             .unwrap_err();
         assert!(e.0.contains("cannot connect"), "{e}");
-        assert_eq!(bounded(sink.write_batch(&[])).await.unwrap(), vec![]);
+        assert_eq!(bounded(sink.write_batch(&Batch::new(&[], String::new()))).await.unwrap(), vec![]);
     }
 }

@@ -12,7 +12,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::{LogSink, Rejection, SinkError};
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::config::{HttpSinkConfig, Problem};
 use crate::record::Record;
 
@@ -87,7 +87,7 @@ impl HttpSink {
 
 #[async_trait]
 impl LogSink for HttpSink {
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError> {
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         let mut body = Vec::with_capacity(batch.len() * 256);
         for record in batch {
             record.to_json_line(&mut body);

@@ -22,7 +22,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
-use super::{LogSink, Rejection, SinkError};
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::config::{KafkaSinkConfig, Problem};
 use crate::record::Record;
 
@@ -631,7 +631,7 @@ impl Tally {
 
 #[async_trait]
 impl LogSink for KafkaSink {
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError> {
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -1061,7 +1061,7 @@ mod tests {
             record("clicks", 1, Some("gid-1")),
             record("pageviews", 2, None),
         ];
-        assert_eq!(sink.write_batch(&batch).await.unwrap(), Vec::new());
+        assert_eq!(sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap(), Vec::new());
         sink.close().await.unwrap();
 
         let msgs = read_topic(&bootstrap, "web.pageviews", 2);
@@ -1085,7 +1085,7 @@ mod tests {
         assert_eq!(clicks.len(), 1);
         assert_eq!(clicks[0].key(), Some(&b"gid-1"[..]));
         assert_eq!(header(&clicks[0], "table").as_deref(), Some("clicks"));
-        assert_eq!(sink.write_batch(&[]).await.unwrap(), Vec::new());
+        assert_eq!(sink.write_batch(&Batch::new(&[], String::new())).await.unwrap(), Vec::new());
     }
 
     #[tokio::test]
@@ -1100,7 +1100,7 @@ mod tests {
             big,
             record("pageviews", 2, Some("gid-2")),
         ];
-        let rejections = sink.write_batch(&batch).await.unwrap();
+        let rejections = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 1);
         assert!(
@@ -1126,7 +1126,7 @@ mod tests {
             record(&"t".repeat(250), 0, None),
             record("pageviews", 1, None),
         ];
-        let rejections = sink.write_batch(&batch).await.unwrap();
+        let rejections = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 0);
         assert!(rejections[0].reason.contains("249"), "{rejections:?}");
@@ -1147,7 +1147,7 @@ mod tests {
         let batch: Vec<_> = (0..3)
             .map(|n| record("pageviews", n, Some("same-gid")))
             .collect();
-        assert_eq!(sink.write_batch(&batch).await.unwrap(), Vec::new());
+        assert_eq!(sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap(), Vec::new());
         let mut ns: Vec<_> = read_topic(&bootstrap, "web.pageviews", 3)
             .iter()
             .map(value_n)
@@ -1161,7 +1161,7 @@ mod tests {
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
         );
         let rejections = sink
-            .write_batch(&[record("pageviews", 9, None)])
+            .write_batch(&Batch::new(&[record("pageviews", 9, None)], String::new()))
             .await
             .unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
@@ -1175,7 +1175,7 @@ mod tests {
         );
         // And the producer still works afterwards.
         assert_eq!(
-            sink.write_batch(&[record("pageviews", 10, None)])
+            sink.write_batch(&Batch::new(&[record("pageviews", 10, None)], String::new()))
                 .await
                 .unwrap(),
             Vec::new()
@@ -1189,13 +1189,13 @@ mod tests {
         let sink = sink_for(&bootstrap, "timeout: 1500ms");
         mock.broker_down(-1).unwrap();
         let batch: Vec<_> = (0..3).map(|n| record("pageviews", n, None)).collect();
-        let err = sink.write_batch(&batch).await.unwrap_err();
+        let err = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
         assert!(err.0.contains("web.pageviews"), "{err}");
         mock.broker_up(-1).unwrap();
         // The caller retries: within a bounded number of tries the batch is delivered.
         let mut delivered = false;
         for _ in 0..10 {
-            if let Ok(r) = sink.write_batch(&batch).await {
+            if let Ok(r) = sink.write_batch(&Batch::new(&batch, String::new())).await {
                 assert_eq!(r, Vec::new());
                 delivered = true;
                 break;
@@ -1222,7 +1222,7 @@ mod tests {
         .unwrap();
         let sink = sink_for(&bootstrap, "timeout: 2s");
         let batch = vec![record("pageviews", 0, None), record("missing", 1, None)];
-        let err = sink.write_batch(&batch).await.unwrap_err();
+        let err = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
         assert!(err.0.contains("web.missing"), "{err}");
         assert!(err.0.contains("does not exist"), "{err}");
     }

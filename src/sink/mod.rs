@@ -25,7 +25,42 @@ use crate::record::Record;
 pub struct Rejection {
     /// Index in the batch.
     pub index: usize,
+    /// Why the sink will never take it; written to `rejected.jsonl`.
     pub reason: String,
+}
+
+/// One batch handed to [`LogSink::write_batch`]: the records, and an id for the batch.
+///
+/// The batch dereferences to its records (`batch.len()`, `batch.iter()`, `&batch[..]`).
+pub struct Batch<'a> {
+    records: &'a [Record],
+    id: String,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch of `records` with the id `id` (see [`Batch::id`]).
+    pub fn new(records: &'a [Record], id: String) -> Self {
+        Batch { records, id }
+    }
+
+    /// The records, in the order they were accepted.
+    pub fn records(&self) -> &'a [Record] {
+        self.records
+    }
+
+    /// An id for this batch: the same id is passed every time the same records are retried, also
+    /// after a restart when the buffer is `disk`, so a sink whose peer de-duplicates by id (the `td`
+    /// sink) delivers exactly once. With `buffer: memory` it is unique per process only.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl std::ops::Deref for Batch<'_> {
+    type Target = [Record];
+    fn deref(&self) -> &[Record] {
+        self.records
+    }
 }
 
 /// A batch write that did not go through; the whole batch is tried again later.
@@ -34,12 +69,16 @@ pub struct Rejection {
 pub struct SinkError(pub String);
 
 /// A destination for records.
+///
+/// Implement it to deliver records anywhere; register an instance under a name and routes can
+/// name it like a built-in sink. The delivery side calls it from the sink's own lane, one batch at a
+/// time, and does the buffering, batching, retries, state and metrics around it.
 #[async_trait]
 pub trait LogSink: Send + Sync {
     /// Writes `batch`. `Ok` means delivered: every record is with the sink except those listed
     /// as rejected for good. `Err` means nothing can be assumed delivered; the caller retries the
     /// whole batch with backoff (delivery is at least once).
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError>;
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError>;
 
     /// Runs once at shutdown, after the last batch: flush and close.
     async fn close(&self) -> Result<(), SinkError> {

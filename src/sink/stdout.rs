@@ -4,7 +4,7 @@ use std::io::Write;
 
 use async_trait::async_trait;
 
-use super::{LogSink, Rejection, SinkError};
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::record::Record;
 
 /// Writes each batch to standard output in one locked write.
@@ -20,7 +20,7 @@ impl StdoutSink {
 
 #[async_trait]
 impl LogSink for StdoutSink {
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<Rejection>, SinkError> {
+    async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         let mut buf = Vec::with_capacity(batch.len() * 256);
         for record in batch {
             record.to_json_line(&mut buf);
