@@ -84,6 +84,14 @@ pub trait LogSink: Send + Sync {
     async fn close(&self) -> Result<(), SinkError> {
         Ok(())
     }
+
+    /// What the sink knows of its peer between batches: `Some(reason)` while it knows the peer is
+    /// unreachable (Kafka: every broker down, from the client's own error events), `None` when it
+    /// knows nothing against it. The sink's lane asks about once a second, so `/sinks` can say
+    /// `down` before a batch times out. The reason is shown to operators: no secrets in it.
+    fn peer_down(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Checks the configuration of sink `name` without touching anything; `--check` and start-up.
