@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use postback_proxy::config::{BufferKind, DeliveryConfig, FsyncPolicy};
 use postback_proxy::delivery::Delivery;
 use postback_proxy::record::{Record, RecordBody};
-use postback_proxy::sink::{LogSink, Rejection, SinkError};
+use postback_proxy::sink::{Batch, LogSink, Rejection, SinkError};
 use postback_proxy::units::{ByteSize, HumanDuration};
 
 /// A sink that takes everything at once.
@@ -21,7 +21,7 @@ struct NullSink;
 
 #[async_trait]
 impl LogSink for NullSink {
-    async fn write_batch(&self, _batch: &[Record]) -> Result<Vec<Rejection>, SinkError> {
+    async fn write_batch(&self, _batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         Ok(Vec::new())
     }
 }

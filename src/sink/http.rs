@@ -14,7 +14,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::{Batch, LogSink, Rejection, SinkError};
 use crate::config::{HttpSinkConfig, Problem};
-use crate::record::Record;
 
 /// POSTs each batch to one URL.
 pub struct HttpSink {

@@ -56,6 +56,14 @@ impl<'a> Batch<'a> {
     }
 }
 
+impl<'a> IntoIterator for &Batch<'a> {
+    type Item = &'a Record;
+    type IntoIter = std::slice::Iter<'a, Record>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.records.iter()
+    }
+}
+
 impl std::ops::Deref for Batch<'_> {
     type Target = [Record];
     fn deref(&self) -> &[Record] {

@@ -5,7 +5,7 @@ use std::io::Write;
 use async_trait::async_trait;
 
 use super::{Batch, LogSink, Rejection, SinkError};
-use crate::record::Record;
+
 
 /// Writes each batch to standard output in one locked write.
 #[derive(Debug, Default)]
