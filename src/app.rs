@@ -12,14 +12,14 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::admin::AdminApp;
-use crate::auth::KeyStore;
+use crate::http::admin::AdminApp;
+use crate::postback::auth::KeyStore;
 use crate::config::{Config, Problem};
 use crate::delivery::Delivery;
 use crate::postback::Postback;
-use crate::proxy::PostbackProxy;
-use crate::route::{Route, Router};
-use crate::upstream::{self, HealthCheckService, Upstream};
+use crate::http::proxy::PostbackProxy;
+use crate::postback::route::{Route, Router};
+use crate::http::upstream::{self, HealthCheckService, Upstream};
 use crate::{sink, units::HumanDuration};
 
 /// What the configuration checks produce, before anything is opened.
@@ -147,7 +147,7 @@ fn check_tls_files(tls: &crate::config::TlsConfig, field: &str) -> Vec<Problem> 
             )]
         }
     };
-    crate::tls::install_crypto_provider();
+    crate::http::tls::install_crypto_provider();
     let (certs, key_der) = loaded;
     if let Err(e) = rustls::ServerConfig::builder()
         .with_no_client_auth()

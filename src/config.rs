@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::privacy::PrivacyConfig;
+use crate::postback::privacy::PrivacyConfig;
 use crate::units::{ByteSize, HumanDuration};
 
 /// One problem found in the configuration: the dotted path of the field and what is wrong with it.

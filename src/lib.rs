@@ -19,25 +19,14 @@
 //! collecting every problem with the field that caused it, so `--check` and start-up report the same
 //! errors. Counters for every limit, drop and failure live in [`metrics`].
 
-pub mod admin;
 pub mod app;
-pub mod auth;
-pub mod client_ip;
 pub mod config;
-pub mod cookie;
 pub mod delivery;
+pub mod http;
 pub mod metrics;
 pub mod postback;
-pub mod privacy;
-pub mod proxy;
-pub mod query;
 pub mod record;
-pub mod redirect;
-pub mod response;
-pub mod route;
 pub mod sink;
 mod sync;
 pub mod template;
-pub mod tls;
 pub mod units;
-pub mod upstream;

@@ -275,7 +275,7 @@ struct Client {
 
 impl Client {
     fn new() -> Client {
-        postback_proxy::tls::install_crypto_provider();
+        postback_proxy::http::tls::install_crypto_provider();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use postback_proxy::client_ip::ClientIpPolicy;
+use postback_proxy::http::client_ip::ClientIpPolicy;
 use postback_proxy::config::ClientIpConfig;
-use postback_proxy::cookie;
+use postback_proxy::postback::cookie;
 
 /// The input, one item per line: `C:` a `Cookie` header, `X:` an `X-Forwarded-For` header,
 /// `P:` the TCP peer (an address; default 127.0.0.1, which is trusted), `N:` the cookie name

@@ -13,12 +13,12 @@ use std::sync::OnceLock;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::percent_decode;
-use postback_proxy::auth::KeyStore;
+use postback_proxy::postback::auth::KeyStore;
 use postback_proxy::config::{Format, PostbackConfig, WriteKeyConfig};
 use postback_proxy::postback::{Postback, PostbackRequest, Target};
 use postback_proxy::record::Record;
-use postback_proxy::response::Reply;
-use postback_proxy::route::valid_name;
+use postback_proxy::postback::reply::Reply;
+use postback_proxy::postback::route::valid_name;
 
 const KEY: &str = "fuzz/S3cr3tWr1teKey0123456789";
 const MAX_COLUMNS: usize = 8;

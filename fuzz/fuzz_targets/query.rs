@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use postback_proxy::query::parse_pairs;
+use postback_proxy::postback::query::parse_pairs;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(pairs) = parse_pairs(data) else {

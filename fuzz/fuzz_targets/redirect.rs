@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use postback_proxy::config::RedirectConfig;
-use postback_proxy::redirect::{location, RedirectPolicy};
+use postback_proxy::postback::redirect::{location, RedirectPolicy};
 
 /// The input: the target URL, then optionally a 0xFF byte and the global id to substitute
 /// (without it, an id shaped like the ones the proxy makes).

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use postback_proxy::config::RouteConfig;
-use postback_proxy::route::{valid_name, Route, RouteMatch, Router};
+use postback_proxy::postback::route::{valid_name, Route, RouteMatch, Router};
 
 const ROUTES: &str = r#"
 - { path: "/postback/v3/event/{database}/{table}" }

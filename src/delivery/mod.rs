@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::config::{BufferKind, DeliveryConfig, Problem, WhenFull};
 use crate::metrics;
 use crate::record::Record;
-use crate::route::SinkId;
+use crate::postback::route::SinkId;
 use crate::sink::LogSink;
 
 use disk::DiskLog;

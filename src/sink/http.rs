@@ -65,7 +65,7 @@ impl HttpSink {
 
     /// Builds the client (a validated configuration).
     pub fn open(cfg: &HttpSinkConfig) -> Result<HttpSink, String> {
-        crate::tls::install_crypto_provider();
+        crate::http::tls::install_crypto_provider();
         let url = reqwest::Url::parse(&cfg.url).map_err(|e| e.to_string())?;
         let client = reqwest::Client::builder()
             .timeout(cfg.timeout.0)

@@ -3,11 +3,11 @@
 //! artifact that found it.
 
 use http::{HeaderMap, Method};
-use postback_proxy::auth::KeyStore;
+use postback_proxy::postback::auth::KeyStore;
 use postback_proxy::config::{Format, PostbackConfig, RedirectConfig, WriteKeyConfig};
 use postback_proxy::postback::{Outcome, Postback, PostbackRequest, Target};
-use postback_proxy::redirect::{RedirectError, RedirectPolicy};
-use postback_proxy::response::Refusal;
+use postback_proxy::postback::redirect::{RedirectError, RedirectPolicy};
+use postback_proxy::postback::reply::Refusal;
 
 fn redirect_policy(hosts: &str) -> RedirectPolicy {
     let cfg: RedirectConfig =

@@ -17,9 +17,9 @@ use pingora_limits::rate::Rate;
 use crate::delivery::Delivery;
 use crate::metrics;
 use crate::postback::{Postback, PostbackRequest, Target};
-use crate::response::{ErrorKind, Refusal, Reply};
-use crate::route::{Route, RouteMatch, Router};
-use crate::upstream::Upstream;
+use crate::postback::reply::{ErrorKind, Refusal, Reply};
+use crate::postback::route::{Route, RouteMatch, Router};
+use crate::http::upstream::Upstream;
 
 /// The proxy service: one per process, shared by every connection.
 pub struct PostbackProxy {

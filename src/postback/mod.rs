@@ -5,22 +5,30 @@
 //! records are accepted for delivery) or a [`Refusal`]. Everything is checked before anything is
 //! returned, so a refused request changes nothing.
 
+pub mod auth;
+pub mod cookie;
+pub mod privacy;
+pub mod query;
+pub mod redirect;
+pub mod reply;
+pub mod route;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use http::{header, HeaderMap, Method};
 use serde_json::Value;
 
-use crate::auth::{AuthError, KeyStore};
-use crate::client_ip::ClientIpPolicy;
+use crate::postback::auth::{AuthError, KeyStore};
+use crate::http::client_ip::ClientIpPolicy;
 use crate::config::{CorsConfig, Format, PostbackConfig, Problem};
-use crate::cookie::{self, GlobalIdCookie};
+use cookie::GlobalIdCookie;
 use crate::metrics;
-use crate::privacy::{BotAction, OptOutAction, PrivacyPolicy};
-use crate::query::parse_pairs;
+use crate::postback::privacy::{BotAction, OptOutAction, PrivacyPolicy};
+use crate::postback::query::parse_pairs;
 use crate::record::{Record, RecordBody};
-use crate::redirect::{self, RedirectPolicy};
-use crate::response::{ErrorKind, Refusal, Reply};
+use redirect::RedirectPolicy;
+use crate::postback::reply::{ErrorKind, Refusal, Reply};
 
 /// What a postback route resolved for a request.
 #[derive(Clone, Copy, Debug)]
@@ -524,7 +532,7 @@ fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Refusal> {
 mod tests {
     use super::*;
     use crate::config::{PostbackConfig, WriteKeyConfig};
-    use crate::response::PIXEL_GIF;
+    use crate::postback::reply::PIXEL_GIF;
 
     const NOW: i64 = 1_764_245_000;
 
@@ -856,7 +864,7 @@ mod tests {
         let o = get(&p, "td_write_key=KEY&a=1", &[("purpose", "prefetch")]).unwrap();
         assert_eq!(o.records[0].body.columns["td_bot"], "prefetch");
 
-        let cfg: crate::privacy::PrivacyConfig =
+        let cfg: crate::postback::privacy::PrivacyConfig =
             serde_saphyr::from_str("{bots: drop, anonymize_ip: true}").unwrap();
         let route_privacy = PrivacyPolicy::from_config(&cfg, "routes[0].privacy").unwrap();
         let target = Target {

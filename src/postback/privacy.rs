@@ -9,7 +9,7 @@ use http::{header, HeaderMap};
 use serde::Deserialize;
 
 use crate::config::Problem;
-use crate::cookie;
+use crate::postback::cookie;
 
 /// What happens to the record of a visitor who opted out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]

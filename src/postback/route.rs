@@ -1,7 +1,7 @@
 //! Postback routes: path templates such as `/postback/v3/event/{database}/{table}`, tried in order.
 
 use crate::config::{Format, Problem, RouteConfig};
-use crate::privacy::PrivacyPolicy;
+use crate::postback::privacy::PrivacyPolicy;
 
 /// Index of a sink in [`crate::delivery::Delivery`], resolved from the sink's name at start-up.
 pub type SinkId = usize;

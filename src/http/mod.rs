@@ -1,0 +1,8 @@
+//! The Pingora side: the proxy service, the client address and forwarded headers, the upstream
+//! peers and their health checks, the admin listener and TLS set-up.
+
+pub mod admin;
+pub mod client_ip;
+pub mod proxy;
+pub mod tls;
+pub mod upstream;
