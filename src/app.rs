@@ -12,15 +12,22 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
-use crate::http::admin::AdminApp;
-use crate::postback::auth::KeyStore;
 use crate::config::{Config, Problem};
 use crate::delivery::Delivery;
-use crate::postback::Postback;
+use crate::http::admin::AdminApp;
+use crate::http::client_ip::ClientIpPolicy;
+use crate::http::postbacks::Postbacks;
 use crate::http::proxy::PostbackProxy;
-use crate::postback::route::{Route, Router};
 use crate::http::upstream::{self, HealthCheckService, Upstream};
+use crate::postback::auth::KeyStore;
+use crate::postback::route::{Route, Router};
+use crate::postback::Postback;
 use crate::{sink, units::HumanDuration};
+
+/// The largest body a postback may have (`postback.max_body_bytes`), so that the record made of
+/// it always fits one frame of the disk buffer.
+// TODO(lead): take this from the delivery side once the frame limit is exported there.
+const MAX_RECORD_BYTES: u64 = 32 << 20;
 
 /// What the configuration checks produce, before anything is opened.
 struct Checked {
@@ -47,27 +54,48 @@ fn check(config: &Config) -> Result<Checked, Vec<Problem>> {
     let mut routes = Vec::new();
     for (i, r) in config.routes.iter().enumerate() {
         let field = format!("routes[{i}]");
-        let Some(sink) = sink_names.iter().position(|n| *n == r.sink) else {
+        let mut sinks = Vec::new();
+        for name in r.sink.names() {
+            match sink_names.iter().position(|n| n == name) {
+                Some(id) if sinks.contains(&id) => problems.push(Problem::new(
+                    format!("{field}.sink"),
+                    format!("names `{name}` twice"),
+                )),
+                Some(id) => sinks.push(id),
+                None => problems.push(Problem::new(
+                    format!("{field}.sink"),
+                    format!("no sink named `{name}` in `sinks`"),
+                )),
+            }
+        }
+        if r.sink.names().is_empty() {
             problems.push(Problem::new(
                 format!("{field}.sink"),
-                format!("no sink named `{}` in `sinks`", r.sink),
+                "must name at least one sink",
             ));
+        }
+        if sinks.len() != r.sink.names().len() {
             continue;
-        };
-        match Route::compile(r, sink, &field) {
+        }
+        match Route::compile(r, sinks, &field) {
             Ok(route) => routes.push(route),
             Err(p) => problems.extend(p),
         }
     }
     for name in &sink_names {
-        if !config.routes.iter().any(|r| r.sink == *name) {
+        if !config.routes.iter().any(|r| r.sink.names().contains(name)) {
             warn!("sink `{name}` is configured but no route uses it");
         }
     }
+    let client_ip = ClientIpPolicy::from_config(&config.client_ip).map_err(|p| problems.extend(p));
     let keys = KeyStore::from_config(&config.auth.write_keys).map_err(|p| problems.extend(p));
-    let postback = keys.and_then(|keys| {
-        Postback::from_config(&config.postback, keys).map_err(|p| problems.extend(p))
-    });
+    let postback = match (keys, client_ip) {
+        (Ok(keys), Ok(client_ip)) => {
+            Postback::from_config(&config.postback, keys, client_ip, MAX_RECORD_BYTES)
+                .map_err(|p| problems.extend(p))
+        }
+        _ => Err(()),
+    };
     if config.auth.write_keys.is_empty() {
         warn!("auth.write_keys is empty: every postback will be refused with 403");
     }
@@ -201,13 +229,13 @@ impl App {
             )]
         })?;
         let delivery = Arc::new(delivery);
-        let proxy = PostbackProxy::new(
+        let postbacks = Arc::new(Postbacks::new(
             checked.router,
             checked.postback,
             delivery.clone(),
-            upstream,
-            config.server.keepalive_timeout_seconds,
-        );
+        ));
+        let proxy =
+            PostbackProxy::new(postbacks, upstream, config.server.keepalive_timeout_seconds);
         Ok(App {
             config,
             proxy,

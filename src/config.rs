@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::postback::privacy::PrivacyConfig;
+use crate::http::client_ip::ClientIpConfig;
+use crate::http::upstream::UpstreamConfig;
+use crate::postback::auth::AuthConfig;
+use crate::postback::config::PostbackConfig;
+use crate::postback::route::{default_routes, RouteConfig};
 use crate::units::{ByteSize, HumanDuration};
 
 /// One problem found in the configuration: the dotted path of the field and what is wrong with it.
@@ -91,6 +95,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub client_ip: ClientIpConfig,
     #[serde(default)]
     pub postback: PostbackConfig,
     #[serde(default = "default_sinks")]
@@ -177,284 +183,6 @@ fn default_listen() -> Vec<ListenConfig> {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: String,
-}
-
-/// `upstream:`: the origin every non-postback request goes to.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// `host:port` of each origin server; resolved once at start-up.
-    pub peers: Vec<String>,
-    #[serde(default)]
-    pub tls: bool,
-    /// The SNI and `Host` to verify for TLS; empty: the peer's host name.
-    #[serde(default)]
-    pub sni: String,
-    /// Verify the origin's TLS certificate (turn off only for a self-signed test origin).
-    #[serde(default = "default_true")]
-    pub verify_cert: bool,
-    #[serde(default)]
-    pub health_check: HealthCheckConfig,
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout: HumanDuration,
-    #[serde(default = "default_read_timeout")]
-    pub read_timeout: HumanDuration,
-}
-
-fn default_connect_timeout() -> HumanDuration {
-    HumanDuration::secs(2)
-}
-
-fn default_read_timeout() -> HumanDuration {
-    HumanDuration::secs(60)
-}
-
-/// `upstream.health_check:`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HealthCheckConfig {
-    /// How often each peer is probed.
-    pub interval: HumanDuration,
-    /// None: a TCP connect. A path such as `/healthz`: an HTTP GET that must answer 200.
-    pub path: Option<String>,
-}
-
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
-        HealthCheckConfig {
-            interval: HumanDuration::secs(5),
-            path: None,
-        }
-    }
-}
-
-/// The answer a route gives when the request has no `td_format`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// The 1x1 GIF.
-    Pixel,
-    /// `{}` as `application/json`.
-    #[default]
-    Json,
-}
-
-/// One entry of `routes:`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    /// The path template, e.g. `/postback/v3/event/{database}/{table}`.
-    pub path: String,
-    /// A fixed database, for templates without `{database}`.
-    #[serde(default)]
-    pub database: Option<String>,
-    /// A fixed table, for templates without `{table}`.
-    #[serde(default)]
-    pub table: Option<String>,
-    #[serde(default)]
-    pub default_format: Format,
-    /// The name of the sink (a key of `sinks:`).
-    #[serde(default = "default_sink_name")]
-    pub sink: String,
-    /// Replaces `postback.privacy` for this route.
-    #[serde(default)]
-    pub privacy: Option<PrivacyConfig>,
-}
-
-fn default_sink_name() -> String {
-    "main".into()
-}
-
-fn default_routes() -> Vec<RouteConfig> {
-    vec![RouteConfig {
-        path: "/postback/v3/event/{database}/{table}".into(),
-        database: None,
-        table: None,
-        default_format: Format::Json,
-        sink: default_sink_name(),
-        privacy: None,
-    }]
-}
-
-/// `auth:`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// The accepted write keys; none: every postback is refused with 403.
-    pub write_keys: Vec<WriteKeyConfig>,
-}
-
-/// One write key: the key itself or its SHA-256, and the databases it may write.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WriteKeyConfig {
-    #[serde(default)]
-    pub key: Option<String>,
-    /// Hex SHA-256 of the key, so the file holds no secret.
-    #[serde(default)]
-    pub key_sha256: Option<String>,
-    /// Glob patterns (`*`, `?`) of the databases this key may write.
-    #[serde(default = "default_databases")]
-    pub databases: Vec<String>,
-}
-
-fn default_databases() -> Vec<String> {
-    vec!["*".into()]
-}
-
-/// `postback:`: limits and the behaviour of the special parameters.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PostbackConfig {
-    pub max_url_bytes: ByteSize,
-    pub max_body_bytes: ByteSize,
-    pub max_columns: usize,
-    pub record_time_window: TimeWindowConfig,
-    pub redirect: RedirectConfig,
-    pub global_id: GlobalIdConfig,
-    pub client_ip: ClientIpConfig,
-    pub cors: CorsConfig,
-    pub privacy: PrivacyConfig,
-    pub rate_limit: RateLimitConfig,
-}
-
-/// `postback.rate_limit:`: postbacks per second allowed from one client address.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimitConfig {
-    /// None: no limit. Past it, `429` with `Retry-After: 1`.
-    pub per_second: Option<u64>,
-}
-
-impl Default for PostbackConfig {
-    fn default() -> Self {
-        PostbackConfig {
-            max_url_bytes: ByteSize::kib(16),
-            max_body_bytes: ByteSize(1_048_064),
-            max_columns: 512,
-            record_time_window: TimeWindowConfig::default(),
-            redirect: RedirectConfig::default(),
-            global_id: GlobalIdConfig::default(),
-            client_ip: ClientIpConfig::default(),
-            cors: CorsConfig::default(),
-            privacy: PrivacyConfig::default(),
-            rate_limit: RateLimitConfig::default(),
-        }
-    }
-}
-
-/// `postback.record_time_window:`: how far `td_record_time` may lie from the receive time.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TimeWindowConfig {
-    pub past: HumanDuration,
-    pub future: HumanDuration,
-}
-
-impl Default for TimeWindowConfig {
-    fn default() -> Self {
-        TimeWindowConfig {
-            past: HumanDuration::secs(7 * 86400),
-            future: HumanDuration::secs(3 * 86400),
-        }
-    }
-}
-
-/// `postback.redirect:`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedirectConfig {
-    /// Hosts `td_redirect` may point to: `example.com`, or `*.example.com` for its subdomains.
-    pub allowed_hosts: Vec<String>,
-}
-
-/// `SameSite` of the global-id cookie.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-pub enum SameSite {
-    Strict,
-    Lax,
-    None,
-}
-
-/// When the global-id cookie carries `Secure`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SecureSetting {
-    /// When the request came over TLS.
-    Auto,
-    Always,
-    Never,
-}
-
-impl<'de> Deserialize<'de> for SecureSetting {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = SecureSetting;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`auto`, `true` or `false`")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<SecureSetting, E> {
-                Ok(if v {
-                    SecureSetting::Always
-                } else {
-                    SecureSetting::Never
-                })
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecureSetting, E> {
-                match v {
-                    "auto" => Ok(SecureSetting::Auto),
-                    "true" => Ok(SecureSetting::Always),
-                    "false" => Ok(SecureSetting::Never),
-                    _ => Err(E::custom(format!(
-                        "`{v}` is not one of `auto`, `true`, `false`"
-                    ))),
-                }
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// `postback.global_id:`: the cookie that carries the visitor's global id.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GlobalIdConfig {
-    pub cookie: String,
-    pub max_age: HumanDuration,
-    /// The cookie's `Domain`; none: the request host.
-    pub domain: Option<String>,
-    pub same_site: SameSite,
-    pub secure: SecureSetting,
-}
-
-impl Default for GlobalIdConfig {
-    fn default() -> Self {
-        GlobalIdConfig {
-            cookie: "_td_global".into(),
-            max_age: HumanDuration::secs(730 * 86400),
-            domain: None,
-            same_site: SameSite::Lax,
-            secure: SecureSetting::Auto,
-        }
-    }
-}
-
-/// `postback.client_ip:`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClientIpConfig {
-    /// Addresses or CIDR blocks whose `X-Forwarded-For` is believed; none by default.
-    pub trusted_proxies: Vec<String>,
-    /// Zero the last IPv4 octet / the last 80 bits of IPv6 before the address is recorded.
-    pub anonymize: bool,
-}
-
-/// `postback.cors:`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CorsConfig {
-    /// Origins (`https://www.example.com`) allowed to POST from browsers; `*` for any.
-    pub allowed_origins: Vec<String>,
 }
 
 /// One entry of `sinks:`.
@@ -721,13 +449,14 @@ impl Default for RetryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::postback::cookie::SecureSetting;
 
     #[test]
     fn minimal_file_gets_every_default() {
         let c = Config::parse("upstream: { peers: ['127.0.0.1:3000'] }").unwrap();
         assert_eq!(c.listen[0].address, "0.0.0.0:8080");
         assert_eq!(c.routes[0].path, "/postback/v3/event/{database}/{table}");
-        assert_eq!(c.routes[0].sink, "main");
+        assert_eq!(c.routes[0].sink.names(), ["main"]);
         assert!(
             matches!(c.sinks["main"], SinkConfig::File(ref f) if f.path == Path::new("data/events.jsonl"))
         );

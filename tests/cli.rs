@@ -160,7 +160,7 @@ fn check_names_other_bad_values() {
                 "trusted_proxies: [\"not-an-ip\"]",
                 1,
             ),
-            "postback.client_ip.trusted_proxies[0]",
+            "client_ip.trusted_proxies[0]",
         ),
         (
             harness_yaml().replacen(

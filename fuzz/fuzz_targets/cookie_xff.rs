@@ -11,8 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use postback_proxy::http::client_ip::ClientIpPolicy;
-use postback_proxy::config::ClientIpConfig;
+use postback_proxy::http::client_ip::{ClientIpConfig, ClientIpPolicy};
 use postback_proxy::postback::cookie;
 
 /// The input, one item per line: `C:` a `Cookie` header, `X:` an `X-Forwarded-For` header,

@@ -13,12 +13,13 @@ use std::sync::OnceLock;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
 use percent_encoding::percent_decode;
-use postback_proxy::postback::auth::KeyStore;
-use postback_proxy::config::{Format, PostbackConfig, WriteKeyConfig};
+use postback_proxy::http::client_ip::{ClientIpConfig, ClientIpPolicy};
+use postback_proxy::postback::auth::{KeyStore, WriteKeyConfig};
+use postback_proxy::postback::config::PostbackConfig;
+use postback_proxy::postback::reply::Reply;
+use postback_proxy::postback::route::{valid_name, Format};
 use postback_proxy::postback::{Postback, PostbackRequest, Target};
 use postback_proxy::record::Record;
-use postback_proxy::postback::reply::Reply;
-use postback_proxy::postback::route::valid_name;
 
 const KEY: &str = "fuzz/S3cr3tWr1teKey0123456789";
 const MAX_COLUMNS: usize = 8;
@@ -41,7 +42,6 @@ fn postbacks() -> &'static [Postback; 2] {
             let cfg: PostbackConfig = serde_saphyr::from_str(&format!(
                 "max_columns: {MAX_COLUMNS}\n\
                  redirect: {{allowed_hosts: [example.com, '*.example.org']}}\n\
-                 client_ip: {{trusted_proxies: ['127.0.0.1/32', '10.0.0.0/8']}}\n\
                  cors: {{allowed_origins: ['https://www.example.com']}}\n\
                  {privacy}"
             ))
@@ -49,8 +49,12 @@ fn postbacks() -> &'static [Postback; 2] {
             let keys: Vec<WriteKeyConfig> =
                 serde_saphyr::from_str(&format!("- {{key: '{KEY}', databases: [web, 'ads_*']}}"))
                     .expect("keys YAML");
-            Postback::from_config(&cfg, KeyStore::from_config(&keys).expect("keys"))
-                .expect("postback")
+            let client_ip: ClientIpConfig =
+                serde_saphyr::from_str("trusted_proxies: ['127.0.0.1/32', '10.0.0.0/8']")
+                    .expect("client_ip YAML");
+            let client_ip = ClientIpPolicy::from_config(&client_ip).expect("client_ip");
+            let keys = KeyStore::from_config(&keys).expect("keys");
+            Postback::from_config(&cfg, keys, client_ip, u64::MAX).expect("postback")
         };
         [
             build(""),
@@ -201,6 +205,7 @@ fuzz_target!(|data: &[u8]| {
     let req = PostbackRequest {
         method: &input.method,
         query: input.query.as_deref(),
+        url_len: input.query.as_deref().map_or(0, str::len),
         headers: &input.headers,
         body,
         peer: input.peer,

@@ -10,7 +10,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use postback_proxy::config::RedirectConfig;
+use postback_proxy::postback::redirect::RedirectConfig;
 use postback_proxy::postback::redirect::{location, RedirectPolicy};
 
 /// The input: the target URL, then optionally a 0xFF byte and the global id to substitute

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use postback_proxy::config::RouteConfig;
+use postback_proxy::postback::route::RouteConfig;
 use postback_proxy::postback::route::{valid_name, Route, RouteMatch, Router};
 
 const ROUTES: &str = r#"
@@ -27,7 +27,9 @@ fn router() -> &'static Router {
         Router::new(
             cfgs.iter()
                 .enumerate()
-                .map(|(i, c)| Route::compile(c, 0, &format!("routes[{i}]")).expect("compiles"))
+                .map(|(i, c)| {
+                    Route::compile(c, vec![0], &format!("routes[{i}]")).expect("compiles")
+                })
                 .collect(),
         )
     })

@@ -27,8 +27,8 @@ use tokio::sync::watch;
 
 use crate::config::{BufferKind, DeliveryConfig, Problem, WhenFull};
 use crate::metrics;
-use crate::record::Record;
 use crate::postback::route::SinkId;
+use crate::record::Record;
 use crate::sink::LogSink;
 
 use disk::DiskLog;

@@ -3,18 +3,29 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
+use serde::Deserialize;
 
-use crate::config::{ClientIpConfig, Problem};
+use crate::config::Problem;
+
+/// `client_ip:`: who the client is, for `td_ip`, rate limits and the `X-Forwarded-For` sent upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientIpConfig {
+    /// Addresses or CIDR blocks whose `X-Forwarded-For` is believed; none by default.
+    pub trusted_proxies: Vec<String>,
+    /// Zero the last IPv4 octet / the last 80 bits of IPv6 before the address is recorded.
+    pub anonymize: bool,
+}
 
 /// Decides which address a record's `td_ip` gets.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ClientIpPolicy {
     trusted: Vec<IpNet>,
     anonymize: bool,
 }
 
 impl ClientIpPolicy {
-    /// Builds the policy from `postback.client_ip`; a bad CIDR names its index.
+    /// Builds the policy from `client_ip:`; a bad CIDR names its index.
     pub fn from_config(cfg: &ClientIpConfig) -> Result<Self, Vec<Problem>> {
         let mut trusted = Vec::new();
         let mut problems = Vec::new();
@@ -22,7 +33,7 @@ impl ClientIpPolicy {
             match parse_net(text) {
                 Some(net) => trusted.push(net),
                 None => problems.push(Problem::new(
-                    format!("postback.client_ip.trusted_proxies[{i}]"),
+                    format!("client_ip.trusted_proxies[{i}]"),
                     format!("`{text}` is not an IP address or CIDR block"),
                 )),
             }

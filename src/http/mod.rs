@@ -1,8 +1,12 @@
-//! The Pingora side: the proxy service, the client address and forwarded headers, the upstream
-//! peers and their health checks, the admin listener and TLS set-up.
+//! The Pingora side: the proxy service, the postback request filter, reading bodies, the client
+//! address and forwarded headers, the upstream peers and their health checks, the admin listener
+//! and TLS set-up.
 
 pub mod admin;
+pub mod body;
 pub mod client_ip;
+pub mod forwarded;
+pub mod postbacks;
 pub mod proxy;
 pub mod tls;
 pub mod upstream;

@@ -1,5 +1,8 @@
 //! The upstream origin: peers resolved once at start-up, picked round robin, health checked.
 
+use serde::Deserialize;
+
+use crate::units::HumanDuration;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
@@ -11,7 +14,60 @@ use pingora::prelude::HttpPeer;
 use pingora::services::background::{background_service, GenBackgroundService};
 use pingora::{Error, ErrorType, Result};
 
-use crate::config::{Problem, UpstreamConfig};
+use crate::config::Problem;
+
+/// `upstream:`: the origin every non-postback request goes to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of each origin server; resolved once at start-up.
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub tls: bool,
+    /// The SNI and `Host` to verify for TLS; empty: the peer's host name.
+    #[serde(default)]
+    pub sni: String,
+    /// Verify the origin's TLS certificate (turn off only for a self-signed test origin).
+    #[serde(default = "default_true")]
+    pub verify_cert: bool,
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: HumanDuration,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration::secs(2)
+}
+
+fn default_read_timeout() -> HumanDuration {
+    HumanDuration::secs(60)
+}
+
+/// `upstream.health_check:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    /// How often each peer is probed.
+    pub interval: HumanDuration,
+    /// None: a TCP connect. A path such as `/healthz`: an HTTP GET that must answer 200.
+    pub path: Option<String>,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            interval: HumanDuration::secs(5),
+            path: None,
+        }
+    }
+}
 
 /// Picks the peer for each proxied request.
 pub struct Upstream {

@@ -3,10 +3,37 @@
 //! Keys are kept only as SHA-256 digests (a plain `key:` in the file is hashed at start-up), and a
 //! presented key is hashed once and compared with every configured digest in constant time.
 
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{Problem, WriteKeyConfig};
+use crate::config::Problem;
+
+/// `auth:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The accepted write keys; none: every postback is refused with 403.
+    pub write_keys: Vec<WriteKeyConfig>,
+}
+
+/// One write key: the key itself or its SHA-256, and the databases it may write.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteKeyConfig {
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Hex SHA-256 of the key, so the file holds no secret.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Glob patterns (`*`, `?`) of the databases this key may write.
+    #[serde(default = "default_databases")]
+    pub databases: Vec<String>,
+}
+
+fn default_databases() -> Vec<String> {
+    vec!["*".into()]
+}
 
 /// Why a postback was refused. The messages never contain the key.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -136,6 +163,21 @@ pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
         }
     }
     pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// The write key from `X-TD-Write-Key: KEY` or `Authorization: TD1 KEY` (the header wins over
+/// the query's `td_write_key`).
+pub fn header_write_key(headers: &http::HeaderMap) -> Option<&str> {
+    if let Some(key) = headers.get("x-td-write-key").and_then(|v| v.to_str().ok()) {
+        return Some(key.trim());
+    }
+    let auth = headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .trim();
+    let (scheme, key) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("TD1").then(|| key.trim())
 }
 
 #[cfg(test)]

@@ -1,6 +1,83 @@
 //! The global-id cookie: reading it from `Cookie` headers and writing `Set-Cookie`.
 
-use crate::config::{GlobalIdConfig, Problem, SameSite, SecureSetting};
+use std::fmt;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::config::Problem;
+use crate::units::HumanDuration;
+
+/// `SameSite` of the global-id cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum SameSite {
+    Strict,
+    Lax,
+    None,
+}
+
+/// When the global-id cookie carries `Secure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecureSetting {
+    /// When the request came over TLS.
+    Auto,
+    Always,
+    Never,
+}
+
+impl<'de> Deserialize<'de> for SecureSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = SecureSetting;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto`, `true` or `false`")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<SecureSetting, E> {
+                Ok(if v {
+                    SecureSetting::Always
+                } else {
+                    SecureSetting::Never
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SecureSetting, E> {
+                match v {
+                    "auto" => Ok(SecureSetting::Auto),
+                    "true" => Ok(SecureSetting::Always),
+                    "false" => Ok(SecureSetting::Never),
+                    _ => Err(E::custom(format!(
+                        "`{v}` is not one of `auto`, `true`, `false`"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `postback.global_id:`: the cookie that carries the visitor's global id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GlobalIdConfig {
+    pub cookie: String,
+    pub max_age: HumanDuration,
+    /// The cookie's `Domain`; none: the request host.
+    pub domain: Option<String>,
+    pub same_site: SameSite,
+    pub secure: SecureSetting,
+}
+
+impl Default for GlobalIdConfig {
+    fn default() -> Self {
+        GlobalIdConfig {
+            cookie: "_td_global".into(),
+            max_age: HumanDuration::secs(730 * 86400),
+            domain: None,
+            same_site: SameSite::Lax,
+            secure: SecureSetting::Auto,
+        }
+    }
+}
 
 /// Finds the first cookie called `name` in the `Cookie` header values `headers`.
 pub fn find<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&'a str> {

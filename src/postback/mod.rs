@@ -1,39 +1,54 @@
 //! Turning one postback request into records and the answer to send.
 //!
-//! Nothing here knows Pingora: the proxy hands over a [`PostbackRequest`] (method, query, headers,
-//! body, peer) and gets back either an [`Outcome`] (the records and the reply, to send once the
-//! records are accepted for delivery) or a [`Refusal`]. Everything is checked before anything is
-//! returned, so a refused request changes nothing.
+//! Nothing here knows Pingora: the HTTP side hands over a [`PostbackRequest`] (method, query,
+//! headers, body, peer) and gets back either an [`Outcome`] (the records and the reply, to send
+//! once the records are accepted for delivery) or a [`Refusal`]. The rules run in this order, each
+//! in its own module: [`limits`] (method, URL length, body length, rate) and [`cors`] (`OPTIONS`)
+//! before the body is read ([`Postback::check_head`]); then [`params`] (query, form, JSON,
+//! td-js-sdk batches), [`auth`], [`privacy`], [`cookie`] (the global id), [`redirect`],
+//! [`records`] and [`reply`] ([`Postback::handle`]). Everything is checked before anything is
+//! returned, so a refused request changes nothing. Which requests are postbacks at all is
+//! [`route`]'s job.
 
 pub mod auth;
+pub mod config;
 pub mod cookie;
+pub mod cors;
+pub mod limits;
+pub mod params;
 pub mod privacy;
 pub mod query;
+pub mod records;
 pub mod redirect;
 pub mod reply;
 pub mod route;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use http::{header, HeaderMap, Method};
-use serde_json::Value;
 
-use crate::postback::auth::{AuthError, KeyStore};
+use crate::config::Problem;
 use crate::http::client_ip::ClientIpPolicy;
-use crate::config::{CorsConfig, Format, PostbackConfig, Problem};
-use cookie::GlobalIdCookie;
 use crate::metrics;
-use crate::postback::privacy::{BotAction, OptOutAction, PrivacyPolicy};
-use crate::postback::query::parse_pairs;
-use crate::record::{Record, RecordBody};
+use crate::record::Record;
+use auth::KeyStore;
+use config::PostbackConfig;
+use cookie::GlobalIdCookie;
+use cors::Cors;
+use limits::Limits;
+use params::bad;
+use privacy::{Assessment, BotAction, OptOutAction, PrivacyPolicy};
+use records::{Identity, RecordBuilder};
 use redirect::RedirectPolicy;
-use crate::postback::reply::{ErrorKind, Refusal, Reply};
+use reply::{ErrorKind, Refusal, Reply};
+use route::Format;
 
 /// What a postback route resolved for a request.
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {
+    /// The record's database.
     pub database: &'a str,
+    /// The record's table.
     pub table: &'a str,
     /// The answer when `td_format` is absent.
     pub default_format: Format,
@@ -44,11 +59,16 @@ pub struct Target<'a> {
 /// The parts of an HTTP request a postback needs.
 #[derive(Debug)]
 pub struct PostbackRequest<'a> {
+    /// The request method.
     pub method: &'a Method,
     /// The raw query string, without `?`.
     pub query: Option<&'a str>,
+    /// The length of the request target (path and query), for `max_url_bytes`.
+    pub url_len: usize,
+    /// The request headers.
     pub headers: &'a HeaderMap,
-    /// The whole body (already bounded by `max_body_bytes`); empty for GET and HEAD.
+    /// The whole body (already bounded by `max_body_bytes`); empty for GET and HEAD, and before
+    /// the body is read.
     pub body: &'a [u8],
     /// The TCP peer.
     pub peer: Option<IpAddr>,
@@ -61,115 +81,51 @@ pub struct PostbackRequest<'a> {
 /// An accepted postback: the records to deliver and the reply to send once they are accepted.
 #[derive(Debug)]
 pub struct Outcome {
+    /// The records to deliver (none when the privacy rules drop the request).
     pub records: Vec<Record>,
+    /// The answer to send once delivery accepted the records.
     pub reply: Reply,
 }
 
-/// The special parameters and the columns gathered from a query, form or JSON object.
-#[derive(Default)]
-struct Params {
-    format: Option<String>,
-    write_key: Option<String>,
-    record_time: Option<String>,
-    redirect: Option<String>,
-    /// In order; a later column with the same name wins.
-    columns: Vec<(String, String)>,
-}
-
-impl Params {
-    fn add(&mut self, name: String, value: String) {
-        match name.as_str() {
-            "td_format" => self.format = Some(value),
-            "td_write_key" => self.write_key = Some(value),
-            "td_record_time" => self.record_time = Some(value),
-            "td_redirect" => self.redirect = Some(value),
-            // `time` is always the proxy's; an empty name is no column.
-            "" | "time" => {}
-            _ => self.columns.push((name, value)),
-        }
-    }
-
-    fn from_pairs(pairs: Vec<(String, String)>) -> Params {
-        let mut p = Params::default();
-        for (name, value) in pairs {
-            p.add(name, value);
-        }
-        p
-    }
-
-    /// Columns and `td_record_time` from a JSON object. Strings are kept, other scalars and nested
-    /// values become their JSON text, `null` is no column. Write keys, formats and redirects in a
-    /// body are ignored (and never become columns).
-    fn from_json_object(object: serde_json::Map<String, Value>) -> Params {
-        let mut p = Params::default();
-        for (name, value) in object {
-            let value = match value {
-                Value::Null => continue,
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            p.add(name, value);
-        }
-        p.write_key = None;
-        p.format = None;
-        p.redirect = None;
-        p
-    }
-}
-
-/// The postback rules from `postback:` and `auth:`.
+/// The postback rules from `postback:`, `auth:` and `client_ip:`.
 pub struct Postback {
     keys: KeyStore,
     client_ip: ClientIpPolicy,
     cookie: GlobalIdCookie,
     redirect: RedirectPolicy,
     privacy: PrivacyPolicy,
-    cors_origins: Vec<String>,
-    cors_any: bool,
-    max_columns: usize,
+    cors: Cors,
+    limits: Limits,
     past_secs: i64,
     future_secs: i64,
-    /// Requests whose URL is longer are answered 414.
-    pub max_url_bytes: usize,
-    /// Requests whose body is longer are answered 413.
-    pub max_body_bytes: usize,
-    /// Postbacks per second allowed from one client address.
-    pub rate_limit: Option<u64>,
 }
 
-fn bad(message: impl Into<String>) -> Refusal {
-    Refusal::new(ErrorKind::BadRequest, message)
+/// Collects the problems of one part's `from_config` into `problems`, keeping the part.
+fn collect<T>(result: Result<T, Vec<Problem>>, problems: &mut Vec<Problem>) -> Option<T> {
+    result.map_err(|p| problems.extend(p)).ok()
 }
 
 impl Postback {
-    /// Builds the rules, collecting every problem in `postback:` and `auth:`.
-    pub fn from_config(cfg: &PostbackConfig, keys: KeyStore) -> Result<Postback, Vec<Problem>> {
+    /// Builds the rules, collecting every problem in `postback:` (and the keys' and client
+    /// address's, built by the caller). `max_body_limit` is the largest body delivery can hold as
+    /// one record. Runs once at start-up.
+    pub fn from_config(
+        cfg: &PostbackConfig,
+        keys: KeyStore,
+        client_ip: ClientIpPolicy,
+        max_body_limit: u64,
+    ) -> Result<Postback, Vec<Problem>> {
         let mut problems = Vec::new();
-        let client_ip = ClientIpPolicy::from_config(&cfg.client_ip).map_err(|p| problems.extend(p));
-        let cookie = GlobalIdCookie::from_config(&cfg.global_id).map_err(|p| problems.extend(p));
-        let redirect = RedirectPolicy::from_config(&cfg.redirect).map_err(|p| problems.extend(p));
-        let privacy = PrivacyPolicy::from_config(&cfg.privacy, "postback.privacy")
-            .map_err(|p| problems.extend(p));
-        let CorsConfig { allowed_origins } = &cfg.cors;
-        for (i, origin) in allowed_origins.iter().enumerate() {
-            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
-                problems.push(Problem::new(
-                    format!("postback.cors.allowed_origins[{i}]"),
-                    "must be `*` or an origin such as https://www.example.com",
-                ));
-            }
-        }
-        if cfg.rate_limit.per_second == Some(0) {
-            problems.push(Problem::new(
-                "postback.rate_limit.per_second",
-                "must be at least 1",
-            ));
-        }
-        if cfg.max_columns == 0 {
-            problems.push(Problem::new("postback.max_columns", "must be at least 1"));
-        }
-        let (Ok(client_ip), Ok(cookie), Ok(redirect), Ok(privacy), true) =
-            (client_ip, cookie, redirect, privacy, problems.is_empty())
+        let cookie = collect(GlobalIdCookie::from_config(&cfg.global_id), &mut problems);
+        let redirect = collect(RedirectPolicy::from_config(&cfg.redirect), &mut problems);
+        let privacy = collect(
+            PrivacyPolicy::from_config(&cfg.privacy, "postback.privacy"),
+            &mut problems,
+        );
+        let cors = collect(Cors::from_config(&cfg.cors), &mut problems);
+        let limits = collect(Limits::from_config(cfg, max_body_limit), &mut problems);
+        let (Some(cookie), Some(redirect), Some(privacy), Some(cors), Some(limits), true) =
+            (cookie, redirect, privacy, cors, limits, problems.is_empty())
         else {
             return Err(problems);
         };
@@ -179,18 +135,22 @@ impl Postback {
             cookie,
             redirect,
             privacy,
-            cors_any: allowed_origins.iter().any(|o| o == "*"),
-            cors_origins: allowed_origins
-                .iter()
-                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
-            max_columns: cfg.max_columns,
+            cors,
+            limits,
             past_secs: cfg.record_time_window.past.0.as_secs() as i64,
             future_secs: cfg.record_time_window.future.0.as_secs() as i64,
-            max_url_bytes: usize::try_from(cfg.max_url_bytes.0).unwrap_or(usize::MAX),
-            max_body_bytes: usize::try_from(cfg.max_body_bytes.0).unwrap_or(usize::MAX),
-            rate_limit: cfg.rate_limit.per_second,
         })
+    }
+
+    /// The limits (the HTTP side bounds the body it reads by them).
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The CORS headers for the request's `Origin`, when it is allowed; added to every postback
+    /// answer, refusals included.
+    pub fn cors_headers(&self, headers: &HeaderMap) -> Vec<(&'static str, String)> {
+        self.cors.headers(headers)
     }
 
     /// The client's address as the records see it (used for `td_ip`).
@@ -198,137 +158,52 @@ impl Postback {
         &self.client_ip
     }
 
-    /// Runs for every postback before its body is read: `Err` for a method we do not serve.
-    pub fn check_method(method: &Method) -> Result<(), Refusal> {
-        match *method {
-            Method::GET | Method::HEAD | Method::POST | Method::OPTIONS => Ok(()),
-            _ => Err(Refusal::new(
-                ErrorKind::MethodNotAllowed,
-                format!("method {method} is not allowed here"),
-            )),
-        }
-    }
-
-    /// The CORS headers for the request's `Origin`, when it is allowed; added to every postback answer.
-    pub fn cors_headers(&self, headers: &HeaderMap) -> Vec<(&'static str, String)> {
-        match self.allowed_origin(headers) {
-            Some(origin) => vec![
-                ("Access-Control-Allow-Origin", origin.to_owned()),
-                ("Access-Control-Allow-Credentials", "true".into()),
-                ("Vary", "Origin".into()),
-            ],
-            None => Vec::new(),
-        }
-    }
-
-    fn allowed_origin<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
-        let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
-        let allowed = self.cors_any
-            || self
-                .cors_origins
+    /// Runs for every postback before its body is read: the rate limit, the URL's length and the
+    /// method (the body's length is checked as it is read). `Ok(Some(reply))` answers an `OPTIONS` preflight;
+    /// `Ok(None)`: read the body and call [`Postback::handle`].
+    pub fn check_head(&self, req: &PostbackRequest<'_>) -> Result<Option<Reply>, Refusal> {
+        if let (true, Some(peer)) = (self.limits.has_rate_limit(), req.peer) {
+            let xff = req
+                .headers
+                .get_all("x-forwarded-for")
                 .iter()
-                .any(|o| o.eq_ignore_ascii_case(origin.trim_end_matches('/')));
-        allowed.then_some(origin)
-    }
-
-    /// Answers an `OPTIONS` preflight: 204 with the CORS headers for an allowed origin, 403 otherwise.
-    pub fn preflight(&self, headers: &HeaderMap) -> Result<Reply, Refusal> {
-        if self.allowed_origin(headers).is_none() {
-            return Err(Refusal::new(ErrorKind::Forbidden, "origin not allowed"));
+                .map(|v| v.as_bytes());
+            self.limits
+                .check_rate(self.client_ip.client_ip(peer, xff))?;
         }
-        let requested = headers
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| {
-                v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b", -_".contains(&b))
-            })
-            .unwrap_or("Content-Type, X-TD-Write-Key, Authorization");
-        Ok(Reply::no_content()
-            .with_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS".into())
-            .with_header("Access-Control-Allow-Headers", requested.to_owned())
-            .with_header("Access-Control-Max-Age", "86400".into()))
+        self.limits.check_url(req.url_len)?;
+        Limits::check_method(req.method)?;
+        if *req.method == Method::OPTIONS {
+            return self.cors.preflight(req.headers).map(Some);
+        }
+        Ok(None)
     }
 
-    /// Runs for every GET, HEAD or POST to a postback route: checks the request and builds its
-    /// records and reply. Nothing is delivered here; the caller delivers `records` and, once they
-    /// are accepted, sends `reply`.
+    /// Runs for every GET, HEAD or POST to a postback route, after [`Postback::check_head`] and
+    /// with the body read: checks the request and builds its records and reply. Nothing is
+    /// delivered here; the caller delivers `records` and, once they are accepted, sends `reply`.
     pub fn handle(
         &self,
         target: Target<'_>,
         req: &PostbackRequest<'_>,
     ) -> Result<Outcome, Refusal> {
-        let query = parse_pairs(req.query.unwrap_or("").as_bytes()).map_err(|e| bad(e.0))?;
-        let mut params = Params::from_pairs(query);
-        // Some for JSON bodies: one record per object. None: one record from the query (and form).
-        let mut objects: Option<Vec<Params>> = None;
-        if *req.method == Method::POST {
-            let content_type = req
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| {
-                    v.split(';')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_ascii_lowercase()
-                });
-            match content_type.as_deref() {
-                Some("application/json") => {
-                    objects = Some(vec![Params::from_json_object(json_object(req.body)?)]);
-                }
-                Some("application/vnd.treasuredata.v1+json" | "application/vnd.treasuredata.v1.js+json") => {
-                    let mut body = json_object(req.body)?;
-                    let Some(Value::Array(events)) = body.remove("events") else {
-                        return Err(bad("body must be {\"events\": [...]}"));
-                    };
-                    let mut parsed = Vec::with_capacity(events.len());
-                    for event in events {
-                        let Value::Object(event) = event else {
-                            return Err(bad("every event must be a JSON object"));
-                        };
-                        parsed.push(Params::from_json_object(event));
-                    }
-                    objects = Some(parsed);
-                    // td-js-sdk puts every column in the events; its query holds only a
-                    // cache-buster (`modified`), which is no column.
-                    params.columns.clear();
-                }
-                Some("application/x-www-form-urlencoded") => {
-                    for (name, value) in parse_pairs(req.body).map_err(|e| bad(e.0))? {
-                        params.add(name, value);
-                    }
-                }
-                None if req.body.is_empty() => {}
-                _ => {
-                    return Err(Refusal::new(
-                        ErrorKind::UnsupportedMediaType,
-                        "Content-Type must be application/json, application/x-www-form-urlencoded, application/vnd.treasuredata.v1+json or application/vnd.treasuredata.v1.js+json",
-                    ))
-                }
-            }
-        }
-
+        let params::Parsed { query, objects } =
+            params::parse(req.method, req.query, req.headers, req.body)?;
         // The answer, checked before anything is accepted.
-        let format = match params.format.as_deref() {
+        let format = match query.format.as_deref() {
             None => target.default_format,
             Some("pixel") => Format::Pixel,
             Some("json") => Format::Json,
             Some(_) => return Err(bad("td_format must be `pixel` or `json`")),
         };
-        let redirect = match &params.redirect {
+        let redirect = match &query.redirect {
             Some(raw) => Some(self.redirect.check(raw).map_err(|e| bad(e.to_string()))?),
             None => None,
         };
-
-        let header_key = header_write_key(req.headers);
-        let key = header_key.or(params.write_key.as_deref());
-        self.keys.check(key, target.database).map_err(|e| match e {
-            AuthError::Missing | AuthError::Unknown | AuthError::DatabaseNotAllowed(_) => {
-                Refusal::new(ErrorKind::Forbidden, e.to_string())
-            }
-        })?;
+        let key = auth::header_write_key(req.headers).or(query.write_key.as_deref());
+        self.keys
+            .check(key, target.database)
+            .map_err(|e| Refusal::new(ErrorKind::Forbidden, e.to_string()))?;
 
         let assessment = target.privacy.unwrap_or(&self.privacy).assess(req.headers);
         let dropped = match (assessment.opted_out, assessment.bot) {
@@ -350,57 +225,22 @@ impl Postback {
             (true, Some(id)) => id.to_owned(),
             (true, None) => cookie::new_global_id(),
         };
-        let mut fill = Placeholders {
-            postback: self,
-            req,
+
+        let identity = Identity {
             global_id: &global_id,
-            ip: None,
             anonymize: assessment.anonymize_ip,
             identifiers,
             strip: assessment.opted_out.is_some(),
         };
-
-        let base_time = self.record_time(params.record_time.as_deref(), req.now);
-        let mut records = Vec::new();
-        if let Some(objects) = objects {
-            records.reserve(objects.len());
-            for object in objects {
-                let time = object
-                    .record_time
-                    .as_deref()
-                    .map_or(base_time, |t| self.record_time(Some(t), req.now));
-                let columns = params.columns.iter().cloned().chain(object.columns);
-                records.push(self.record(target, time, columns, &mut fill)?);
-            }
-        } else {
-            records.push(self.record(target, base_time, params.columns.into_iter(), &mut fill)?);
-        }
-        if let Some(reason) = dropped {
-            metrics::FILTERED
-                .with_label_values(&[reason, "drop"])
-                .inc_by(records.len() as u64);
-            records.clear();
-        } else {
-            if let Some((why, BotAction::Flag)) = assessment.bot {
-                metrics::FILTERED
-                    .with_label_values(&["bot", "flag"])
-                    .inc_by(records.len() as u64);
-                for r in &mut records {
-                    r.body.columns.insert("td_bot".into(), why.into());
-                    if r.body.columns.len() > self.max_columns {
-                        return Err(Refusal::new(
-                            ErrorKind::PayloadTooLarge,
-                            format!("more than {} columns (td_bot included)", self.max_columns),
-                        ));
-                    }
-                }
-            }
-            if assessment.opted_out.is_some() {
-                metrics::FILTERED
-                    .with_label_values(&["opted_out", "strip"])
-                    .inc_by(records.len() as u64);
-            }
-        }
+        let mut builder = RecordBuilder::new(
+            req,
+            target,
+            &self.client_ip,
+            identity,
+            self.limits.max_columns,
+        );
+        let mut records = builder.records(query, objects, |t| self.record_time(t, req.now))?;
+        self.apply_privacy(&mut records, &assessment, dropped)?;
 
         let mut reply = match redirect {
             Some(url) => Reply::redirect(redirect::location(url, &global_id)),
@@ -417,133 +257,80 @@ impl Postback {
         Ok(Outcome { records, reply })
     }
 
+    /// Drops the records of an opted-out visitor or a bot (by the rules), or flags a bot's with a
+    /// `td_bot` column; counts each.
+    fn apply_privacy(
+        &self,
+        records: &mut Vec<Record>,
+        assessment: &Assessment,
+        dropped: Option<&'static str>,
+    ) -> Result<(), Refusal> {
+        if let Some(reason) = dropped {
+            metrics::FILTERED
+                .with_label_values(&[reason, "drop"])
+                .inc_by(records.len() as u64);
+            records.clear();
+            return Ok(());
+        }
+        if let Some((why, BotAction::Flag)) = assessment.bot {
+            metrics::FILTERED
+                .with_label_values(&["bot", "flag"])
+                .inc_by(records.len() as u64);
+            for r in records.iter_mut() {
+                r.body.columns.insert("td_bot".into(), why.into());
+                if r.body.columns.len() > self.limits.max_columns {
+                    return Err(Refusal::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!(
+                            "more than {} columns (td_bot included)",
+                            self.limits.max_columns
+                        ),
+                    ));
+                }
+            }
+        }
+        if assessment.opted_out.is_some() {
+            metrics::FILTERED
+                .with_label_values(&["opted_out", "strip"])
+                .inc_by(records.len() as u64);
+        }
+        Ok(())
+    }
+
     /// `td_record_time` when it is an integer inside the window, else the receive time.
     fn record_time(&self, raw: Option<&str>, now: i64) -> i64 {
         raw.and_then(|t| t.trim().parse::<i64>().ok())
             .filter(|t| *t >= now - self.past_secs && *t <= now + self.future_secs)
             .unwrap_or(now)
     }
-
-    fn record(
-        &self,
-        target: Target<'_>,
-        time: i64,
-        columns: impl Iterator<Item = (String, String)>,
-        fill: &mut Placeholders<'_>,
-    ) -> Result<Record, Refusal> {
-        let mut map = BTreeMap::new();
-        for (name, value) in columns {
-            let Some(value) = fill.value(&name, value) else {
-                continue;
-            };
-            map.insert(name, value);
-            if map.len() > self.max_columns {
-                return Err(Refusal::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!("more than {} columns", self.max_columns),
-                ));
-            }
-        }
-        Ok(Record {
-            database: target.database.to_owned(),
-            table: target.table.to_owned(),
-            body: RecordBody { time, columns: map },
-        })
-    }
-}
-
-/// The values of the `td_ip`, `td_ua` and `td_global_id` placeholders, worked out when first asked for.
-struct Placeholders<'a> {
-    postback: &'a Postback,
-    req: &'a PostbackRequest<'a>,
-    global_id: &'a str,
-    ip: Option<String>,
-    /// The route's `anonymize_ip` override.
-    anonymize: Option<bool>,
-    /// Identifiers (`td_global_id`) may be recorded: consent given and not opted out.
-    identifiers: bool,
-    /// The visitor opted out: no `td_ip`, `td_ua` or `td_global_id` column at all.
-    strip: bool,
-}
-
-impl Placeholders<'_> {
-    /// The value column `name` gets, or `None` when the privacy rules leave it out.
-    fn value(&mut self, name: &str, value: String) -> Option<String> {
-        match name {
-            "td_ip" | "td_ua" | "td_global_id" if self.strip => return None,
-            "td_global_id" if !self.identifiers => return None,
-            _ if name != value => return Some(value),
-            _ => {}
-        }
-        Some(match name {
-            "td_ip" => {
-                if self.ip.is_none() {
-                    self.ip = Some(self.client_ip());
-                }
-                self.ip.clone().unwrap_or_default()
-            }
-            "td_ua" => self
-                .req
-                .headers
-                .get(header::USER_AGENT)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_default(),
-            "td_global_id" => self.global_id.to_owned(),
-            _ => value,
-        })
-    }
-
-    fn client_ip(&self) -> String {
-        let Some(peer) = self.req.peer else {
-            return String::new();
-        };
-        let policy = &self.postback.client_ip;
-        let xff = self
-            .req
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(|v| v.as_bytes());
-        policy
-            .recorded(policy.client_ip(peer, xff), self.anonymize)
-            .to_string()
-    }
-}
-
-/// The write key from `X-TD-Write-Key: KEY` or `Authorization: TD1 KEY`.
-fn header_write_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(key) = headers.get("x-td-write-key").and_then(|v| v.to_str().ok()) {
-        return Some(key.trim());
-    }
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, key) = auth.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("TD1").then(|| key.trim())
-}
-
-fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Refusal> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(bad("body must be a JSON object")),
-        Err(e) => Err(bad(format!("body is not valid JSON: {e}"))),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{PostbackConfig, WriteKeyConfig};
+    use crate::http::client_ip::ClientIpConfig;
+    use crate::postback::auth::WriteKeyConfig;
     use crate::postback::reply::PIXEL_GIF;
 
     const NOW: i64 = 1_764_245_000;
 
     fn postback(extra: &str) -> Postback {
         let cfg: PostbackConfig = serde_saphyr::from_str(&format!(
-            "redirect: {{allowed_hosts: [example.com]}}\nclient_ip: {{trusted_proxies: [10.0.0.1]}}\ncors: {{allowed_origins: ['https://www.example.com']}}\nmax_columns: 6\n{extra}"
+            "redirect: {{allowed_hosts: [example.com]}}\ncors: {{allowed_origins: ['https://www.example.com']}}\nmax_columns: 6\n{extra}"
         ))
         .unwrap();
         let keys: Vec<WriteKeyConfig> =
             serde_saphyr::from_str("- {key: 'KEY', databases: [web]}").unwrap();
-        Postback::from_config(&cfg, KeyStore::from_config(&keys).unwrap()).unwrap()
+        let client_ip: ClientIpConfig =
+            serde_saphyr::from_str("trusted_proxies: [10.0.0.1]").unwrap();
+        let client_ip = ClientIpPolicy::from_config(&client_ip).unwrap();
+        Postback::from_config(
+            &cfg,
+            KeyStore::from_config(&keys).unwrap(),
+            client_ip,
+            u64::MAX,
+        )
+        .unwrap()
     }
 
     const TARGET: Target<'static> = Target {
@@ -577,6 +364,7 @@ mod tests {
             &PostbackRequest {
                 method: &method,
                 query: Some(query),
+                url_len: query.len(),
                 headers: &map,
                 body,
                 peer: Some("10.0.0.1".parse().unwrap()),
@@ -876,6 +664,7 @@ mod tests {
         let req = |headers| PostbackRequest {
             method: &Method::GET,
             query: Some("td_write_key=KEY&td_ip=td_ip"),
+            url_len: 27,
             headers,
             body: b"",
             peer: Some("203.0.113.7".parse().unwrap()),
@@ -893,9 +682,24 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("origin", "https://www.example.com".parse().unwrap());
         assert_eq!(p.cors_headers(&h)[0].1, "https://www.example.com");
-        assert_eq!(p.preflight(&h).unwrap().status, 204);
+        fn options(h: &HeaderMap) -> PostbackRequest<'_> {
+            PostbackRequest {
+                method: &Method::OPTIONS,
+                query: None,
+                url_len: 1,
+                headers: h,
+                body: b"",
+                peer: None,
+                tls: false,
+                now: NOW,
+            }
+        }
+        assert_eq!(p.check_head(&options(&h)).unwrap().unwrap().status, 204);
         h.insert("origin", "https://evil.net".parse().unwrap());
         assert!(p.cors_headers(&h).is_empty());
-        assert_eq!(p.preflight(&h).unwrap_err().kind, ErrorKind::Forbidden);
+        assert_eq!(
+            p.check_head(&options(&h)).unwrap_err().kind,
+            ErrorKind::Forbidden
+        );
     }
 }

@@ -1,8 +1,17 @@
 //! `td_redirect`: which targets are allowed, and the `td_global_id` substitution.
 
+use serde::Deserialize;
 use url::{Host, Url};
 
-use crate::config::{Problem, RedirectConfig};
+use crate::config::Problem;
+
+/// `postback.redirect:`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedirectConfig {
+    /// Hosts `td_redirect` may point to: `example.com`, or `*.example.com` for its subdomains.
+    pub allowed_hosts: Vec<String>,
+}
 
 /// Why a `td_redirect` target was refused (answered with 400).
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

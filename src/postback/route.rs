@@ -1,7 +1,80 @@
 //! Postback routes: path templates such as `/postback/v3/event/{database}/{table}`, tried in order.
 
-use crate::config::{Format, Problem, RouteConfig};
+use serde::Deserialize;
+
+use crate::config::Problem;
+use crate::postback::privacy::PrivacyConfig;
 use crate::postback::privacy::PrivacyPolicy;
+use crate::template::{Part, Template};
+
+/// The answer a route gives when the request has no `td_format`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// The 1x1 GIF.
+    Pixel,
+    /// `{}` as `application/json`.
+    #[default]
+    Json,
+}
+
+/// One entry of `routes:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The path template, e.g. `/postback/v3/event/{database}/{table}`.
+    pub path: String,
+    /// A fixed database, for templates without `{database}`.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// A fixed table, for templates without `{table}`.
+    #[serde(default)]
+    pub table: Option<String>,
+    #[serde(default)]
+    pub default_format: Format,
+    /// The sink or sinks (keys of `sinks:`) that get every record of the route: `sink: main` or
+    /// `sink: [kafka, archive]`.
+    #[serde(default = "default_sink_names")]
+    pub sink: SinkNames,
+    /// Replaces `postback.privacy` for this route.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
+}
+
+/// `sink:` of a route: one name or a list of names.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum SinkNames {
+    /// `sink: main`.
+    One(String),
+    /// `sink: [kafka, archive]`.
+    Many(Vec<String>),
+}
+
+impl SinkNames {
+    /// The names, in the order written.
+    pub fn names(&self) -> &[String] {
+        match self {
+            SinkNames::One(name) => std::slice::from_ref(name),
+            SinkNames::Many(names) => names,
+        }
+    }
+}
+
+fn default_sink_names() -> SinkNames {
+    SinkNames::One("main".into())
+}
+
+pub(crate) fn default_routes() -> Vec<RouteConfig> {
+    vec![RouteConfig {
+        path: "/postback/v3/event/{database}/{table}".into(),
+        database: None,
+        table: None,
+        default_format: Format::Json,
+        sink: default_sink_names(),
+        privacy: None,
+    }]
+}
 
 /// Index of a sink in [`crate::delivery::Delivery`], resolved from the sink's name at start-up.
 pub type SinkId = usize;
@@ -37,8 +110,8 @@ pub struct Route {
     table: Option<String>,
     /// The answer when the request has no `td_format`.
     pub default_format: Format,
-    /// Where the route's records go.
-    pub sink: SinkId,
+    /// Where the route's records go: every record to each of these sinks.
+    pub sinks: Vec<SinkId>,
     /// The route's own privacy rules, replacing `postback.privacy`.
     pub privacy: Option<PrivacyPolicy>,
 }
@@ -64,8 +137,12 @@ impl PartialEq for Route {
 impl Eq for Route {}
 
 impl Route {
-    /// Compiles `cfg`; `sink` is the already resolved sink. Problems are reported against `field`.
-    pub fn compile(cfg: &RouteConfig, sink: SinkId, field: &str) -> Result<Route, Vec<Problem>> {
+    /// Compiles `cfg`; `sinks` are the already resolved sinks. Problems are reported against `field`.
+    pub fn compile(
+        cfg: &RouteConfig,
+        sinks: Vec<SinkId>,
+        field: &str,
+    ) -> Result<Route, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut segments = Vec::new();
         let mut seen = Vec::new();
@@ -128,7 +205,7 @@ impl Route {
             database: cfg.database.clone(),
             table: cfg.table.clone(),
             default_format: cfg.default_format,
-            sink,
+            sinks,
             privacy,
         })
     }
@@ -188,34 +265,34 @@ impl Route {
     }
 }
 
+/// One path segment: literal text, or text around one `{database}` or `{table}` (parsed by the
+/// shared [`Template`], so a route's errors read like a topic's or a tag's).
 fn parse_segment(raw: &str) -> Result<Segment, String> {
-    let Some(open) = raw.find('{') else {
-        if raw.contains('}') {
-            return Err(format!("unbalanced `}}` in `{raw}`"));
-        }
+    let template = Template::parse(raw).map_err(|e| format!("`{raw}` {e}"))?;
+    let text = |p: Option<&Part>| match p {
+        Some(Part::Text(t)) => Some(t.clone()),
+        _ => None,
+    };
+    let parts = template.parts();
+    let Some(at) = parts.iter().position(|p| !matches!(p, Part::Text(_))) else {
         return Ok(Segment::Literal(raw.to_owned()));
     };
-    let close = raw[open..]
-        .find('}')
-        .map(|i| i + open)
-        .ok_or_else(|| format!("unbalanced `{{` in `{raw}`"))?;
-    let (prefix, suffix) = (&raw[..open], &raw[close + 1..]);
-    if suffix.contains(['{', '}']) || prefix.contains('}') {
-        return Err(format!("at most one placeholder per segment: `{raw}`"));
-    }
-    let var = match &raw[open + 1..close] {
-        "database" => Var::Database,
-        "table" => Var::Table,
-        other => {
-            return Err(format!(
-                "unknown placeholder `{{{other}}}`: only `{{database}}` and `{{table}}`"
-            ))
-        }
+    let var = match parts[at] {
+        Part::Database => Var::Database,
+        _ => Var::Table,
     };
+    let prefix = if at == 0 { None } else { text(parts.first()) };
+    let suffix = text(parts.get(at + 1));
+    let used = at + 1 + usize::from(suffix.is_some());
+    if at > 1 || used != parts.len() {
+        return Err(format!(
+            "`{raw}` has more than one placeholder: at most one per segment"
+        ));
+    }
     Ok(Segment::Capture {
-        prefix: prefix.to_owned(),
+        prefix: prefix.unwrap_or_default(),
         var,
-        suffix: suffix.to_owned(),
+        suffix: suffix.unwrap_or_default(),
     })
 }
 
@@ -252,10 +329,10 @@ mod tests {
             database: database.map(Into::into),
             table: None,
             default_format: Format::Json,
-            sink: "main".into(),
+            sink: SinkNames::One("main".into()),
             privacy: None,
         };
-        Route::compile(&cfg, 0, "routes[0]").unwrap()
+        Route::compile(&cfg, vec![0], "routes[0]").unwrap()
     }
 
     fn found(router: &Router, path: &str) -> Option<(String, String, String)> {
@@ -322,10 +399,10 @@ mod tests {
                 database: db.map(Into::into),
                 table: None,
                 default_format: Format::Json,
-                sink: "main".into(),
+                sink: SinkNames::One("main".into()),
                 privacy: None,
             };
-            Route::compile(&cfg, 0, "routes[2]").unwrap_err()
+            Route::compile(&cfg, vec![0], "routes[2]").unwrap_err()
         };
         assert_eq!(bad("px/{table}", Some("w"))[0].field, "routes[2].path");
         assert!(bad("/px/{table}", None)[0].message.contains("{database}"));

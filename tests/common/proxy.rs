@@ -28,7 +28,7 @@ pub fn binary() -> &'static str {
 pub struct Settings {
     /// `upstream.peers`.
     pub upstream: Vec<String>,
-    /// `postback.client_ip.trusted_proxies`.
+    /// `client_ip.trusted_proxies`.
     pub trusted_proxies: Vec<String>,
     /// `postback.client_ip.anonymize`.
     pub anonymize: bool,
@@ -277,10 +277,11 @@ postback:
     allowed_hosts: ["example.com", "*.example.com"]
   cors:
     allowed_origins: ["https://www.example.com"]
-  client_ip:
-    trusted_proxies: [{trusted}]
-    anonymize: {anonymize}
 {extra}
+client_ip:
+  trusted_proxies: [{trusted}]
+  anonymize: {anonymize}
+
 sinks:
   main: {main_sink}
 

@@ -3,11 +3,13 @@
 //! artifact that found it.
 
 use http::{HeaderMap, Method};
-use postback_proxy::postback::auth::KeyStore;
-use postback_proxy::config::{Format, PostbackConfig, RedirectConfig, WriteKeyConfig};
-use postback_proxy::postback::{Outcome, Postback, PostbackRequest, Target};
-use postback_proxy::postback::redirect::{RedirectError, RedirectPolicy};
+use postback_proxy::http::client_ip::ClientIpPolicy;
+use postback_proxy::postback::auth::{KeyStore, WriteKeyConfig};
+use postback_proxy::postback::config::PostbackConfig;
+use postback_proxy::postback::redirect::{RedirectConfig, RedirectError, RedirectPolicy};
 use postback_proxy::postback::reply::Refusal;
+use postback_proxy::postback::route::Format;
+use postback_proxy::postback::{Outcome, Postback, PostbackRequest, Target};
 
 fn redirect_policy(hosts: &str) -> RedirectPolicy {
     let cfg: RedirectConfig =
@@ -47,7 +49,8 @@ fn postback(extra: &str) -> Postback {
     let cfg: PostbackConfig = serde_saphyr::from_str(&format!("max_columns: 3\n{extra}")).unwrap();
     let keys: Vec<WriteKeyConfig> =
         serde_saphyr::from_str(&format!("- {{key: '{KEY}', databases: [web]}}")).unwrap();
-    Postback::from_config(&cfg, KeyStore::from_config(&keys).unwrap()).unwrap()
+    let keys = KeyStore::from_config(&keys).unwrap();
+    Postback::from_config(&cfg, keys, ClientIpPolicy::default(), u64::MAX).unwrap()
 }
 
 fn get(p: &Postback, query: &str, headers: &[(&'static str, &str)]) -> Result<Outcome, Refusal> {
@@ -65,6 +68,7 @@ fn get(p: &Postback, query: &str, headers: &[(&'static str, &str)]) -> Result<Ou
         &PostbackRequest {
             method: &Method::GET,
             query: Some(query),
+            url_len: query.len(),
             headers: &map,
             body: b"",
             peer: Some("203.0.113.7".parse().unwrap()),

@@ -1,0 +1,145 @@
+//! Where a postback's columns come from: the query string, a form body, one JSON object, or a
+//! td-js-sdk batch of events; and the special parameters (`td_format`, `td_write_key`,
+//! `td_record_time`, `td_redirect`) that are never columns.
+
+use http::{header, HeaderMap, Method};
+use serde_json::Value;
+
+use super::query::parse_pairs;
+use super::reply::{ErrorKind, Refusal};
+
+/// The special parameters and the columns gathered from a query, form or JSON object.
+#[derive(Default)]
+pub struct Params {
+    pub format: Option<String>,
+    pub write_key: Option<String>,
+    pub record_time: Option<String>,
+    pub redirect: Option<String>,
+    /// In order; a later column with the same name wins.
+    pub columns: Vec<(String, String)>,
+}
+
+/// A request's parameters: the query's (and a form body's), and for a JSON body one set per
+/// record to make.
+pub struct Parsed {
+    /// From the query string and, for a form body, the body.
+    pub query: Params,
+    /// `Some` for JSON bodies: one record per object. `None`: one record from `query`.
+    pub objects: Option<Vec<Params>>,
+}
+
+/// A 400 with `message`.
+pub fn bad(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorKind::BadRequest, message)
+}
+
+impl Params {
+    fn add(&mut self, name: String, value: String) {
+        match name.as_str() {
+            "td_format" => self.format = Some(value),
+            "td_write_key" => self.write_key = Some(value),
+            "td_record_time" => self.record_time = Some(value),
+            "td_redirect" => self.redirect = Some(value),
+            // `time` is always the proxy's; an empty name is no column.
+            "" | "time" => {}
+            _ => self.columns.push((name, value)),
+        }
+    }
+
+    fn from_pairs(pairs: Vec<(String, String)>) -> Params {
+        let mut p = Params::default();
+        for (name, value) in pairs {
+            p.add(name, value);
+        }
+        p
+    }
+
+    /// Columns and `td_record_time` from a JSON object. Strings are kept, other scalars and nested
+    /// values become their JSON text, `null` is no column. Write keys, formats and redirects in a
+    /// body are ignored (and never become columns).
+    fn from_json_object(object: serde_json::Map<String, Value>) -> Params {
+        let mut p = Params::default();
+        for (name, value) in object {
+            let value = match value {
+                Value::Null => continue,
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            p.add(name, value);
+        }
+        p.write_key = None;
+        p.format = None;
+        p.redirect = None;
+        p
+    }
+}
+
+/// Parses the query and, for a POST, the body by its `Content-Type`.
+pub fn parse(
+    method: &Method,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Parsed, Refusal> {
+    let pairs = parse_pairs(query.unwrap_or("").as_bytes()).map_err(|e| bad(e.0))?;
+    let mut parsed = Parsed {
+        query: Params::from_pairs(pairs),
+        objects: None,
+    };
+    if *method != Method::POST {
+        return Ok(parsed);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match content_type.as_deref() {
+        Some("application/json") => {
+            parsed.objects = Some(vec![Params::from_json_object(json_object(body)?)]);
+        }
+        Some("application/vnd.treasuredata.v1+json" | "application/vnd.treasuredata.v1.js+json") => {
+            let mut body = json_object(body)?;
+            let Some(Value::Array(events)) = body.remove("events") else {
+                return Err(bad("body must be {\"events\": [...]}"));
+            };
+            let mut objects = Vec::with_capacity(events.len());
+            for event in events {
+                let Value::Object(event) = event else {
+                    return Err(bad("every event must be a JSON object"));
+                };
+                objects.push(Params::from_json_object(event));
+            }
+            parsed.objects = Some(objects);
+            // td-js-sdk puts every column in the events; its query holds only a cache-buster
+            // (`modified`), which is no column.
+            parsed.query.columns.clear();
+        }
+        Some("application/x-www-form-urlencoded") => {
+            for (name, value) in parse_pairs(body).map_err(|e| bad(e.0))? {
+                parsed.query.add(name, value);
+            }
+        }
+        None if body.is_empty() => {}
+        _ => {
+            return Err(Refusal::new(
+                ErrorKind::UnsupportedMediaType,
+                "Content-Type must be application/json, application/x-www-form-urlencoded, application/vnd.treasuredata.v1+json or application/vnd.treasuredata.v1.js+json",
+            ))
+        }
+    }
+    Ok(parsed)
+}
+
+fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, Refusal> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(bad("body must be a JSON object")),
+        Err(e) => Err(bad(format!("body is not valid JSON: {e}"))),
+    }
+}

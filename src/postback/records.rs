@@ -1,0 +1,148 @@
+//! Building a postback's records from its parameters: the `time` column, the placeholders
+//! (`td_ip`, `td_ua`, `td_global_id`) filled in as the privacy rules allow, and `max_columns`.
+
+use std::collections::BTreeMap;
+
+use http::header;
+
+use super::params::Params;
+use super::reply::{ErrorKind, Refusal};
+use super::{PostbackRequest, Target};
+use crate::http::client_ip::ClientIpPolicy;
+use crate::record::{Record, RecordBody};
+
+/// What a record's columns may carry for this visitor, from the privacy assessment.
+pub struct Identity<'a> {
+    /// The visitor's global id (empty when identifiers are not allowed).
+    pub global_id: &'a str,
+    /// The route's `anonymize_ip` override.
+    pub anonymize: Option<bool>,
+    /// Identifiers (`td_global_id`) may be recorded: consent given and not opted out.
+    pub identifiers: bool,
+    /// The visitor opted out: no `td_ip`, `td_ua` or `td_global_id` column at all.
+    pub strip: bool,
+}
+
+/// Makes the records of one request; the placeholders' values are worked out once.
+pub struct RecordBuilder<'a> {
+    req: &'a PostbackRequest<'a>,
+    target: Target<'a>,
+    client_ip: &'a ClientIpPolicy,
+    identity: Identity<'a>,
+    max_columns: usize,
+    ip: Option<String>,
+}
+
+impl<'a> RecordBuilder<'a> {
+    /// A builder for the records of `req` to `target`.
+    pub fn new(
+        req: &'a PostbackRequest<'a>,
+        target: Target<'a>,
+        client_ip: &'a ClientIpPolicy,
+        identity: Identity<'a>,
+        max_columns: usize,
+    ) -> Self {
+        RecordBuilder {
+            req,
+            target,
+            client_ip,
+            identity,
+            max_columns,
+            ip: None,
+        }
+    }
+
+    /// One record at `time` with `columns` (a later column of the same name wins); 413 past
+    /// `max_columns`.
+    pub fn record(
+        &mut self,
+        time: i64,
+        columns: impl Iterator<Item = (String, String)>,
+    ) -> Result<Record, Refusal> {
+        let mut map = BTreeMap::new();
+        for (name, value) in columns {
+            let Some(value) = self.value(&name, value) else {
+                continue;
+            };
+            map.insert(name, value);
+            if map.len() > self.max_columns {
+                return Err(Refusal::new(
+                    ErrorKind::PayloadTooLarge,
+                    format!("more than {} columns", self.max_columns),
+                ));
+            }
+        }
+        Ok(Record {
+            database: self.target.database.to_owned(),
+            table: self.target.table.to_owned(),
+            body: RecordBody { time, columns: map },
+        })
+    }
+
+    /// The records of a request: one from the query's columns, or one per JSON object with the
+    /// query's columns first. `time_of` gives a record's `time` from its `td_record_time`.
+    pub fn records(
+        &mut self,
+        query: Params,
+        objects: Option<Vec<Params>>,
+        time_of: impl Fn(Option<&str>) -> i64,
+    ) -> Result<Vec<Record>, Refusal> {
+        let base_time = time_of(query.record_time.as_deref());
+        let Some(objects) = objects else {
+            return Ok(vec![self.record(base_time, query.columns.into_iter())?]);
+        };
+        let mut records = Vec::with_capacity(objects.len());
+        for object in objects {
+            let time = match object.record_time.as_deref() {
+                Some(t) => time_of(Some(t)),
+                None => base_time,
+            };
+            let columns = query.columns.iter().cloned().chain(object.columns);
+            records.push(self.record(time, columns)?);
+        }
+        Ok(records)
+    }
+
+    /// The value column `name` gets, or `None` when the privacy rules leave it out.
+    fn value(&mut self, name: &str, value: String) -> Option<String> {
+        match name {
+            "td_ip" | "td_ua" | "td_global_id" if self.identity.strip => return None,
+            "td_global_id" if !self.identity.identifiers => return None,
+            _ if name != value => return Some(value),
+            _ => {}
+        }
+        Some(match name {
+            "td_ip" => self
+                .ip
+                .get_or_insert_with(|| client_ip(self.req, self.client_ip, self.identity.anonymize))
+                .clone(),
+            "td_ua" => self
+                .req
+                .headers
+                .get(header::USER_AGENT)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default(),
+            "td_global_id" => self.identity.global_id.to_owned(),
+            _ => value,
+        })
+    }
+}
+
+/// The address `td_ip` records: the client by `client_ip:`, anonymized as configured.
+fn client_ip(
+    req: &PostbackRequest<'_>,
+    policy: &ClientIpPolicy,
+    anonymize: Option<bool>,
+) -> String {
+    let Some(peer) = req.peer else {
+        return String::new();
+    };
+    let xff = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.as_bytes());
+    policy
+        .recorded(policy.client_ip(peer, xff), anonymize)
+        .to_string()
+}
