@@ -188,6 +188,6 @@ mod tests {
             anonymize: false,
         })
         .unwrap_err();
-        assert_eq!(err[0].field, "postback.client_ip.trusted_proxies[1]");
+        assert_eq!(err[0].field, "client_ip.trusted_proxies[1]");
     }
 }
