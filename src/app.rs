@@ -1,108 +1,73 @@
-//! Assembling the parts from the configuration, and running the Pingora server.
+//! The standalone proxy: assembling it from the configuration file, and running the Pingora
+//! server. It is built on the same public pieces an embedding proxy uses ([`Postbacks`], its
+//! delivery and admin services), plus the parts only a standalone server has: listeners, TLS,
+//! the upstream peers and their health checks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use log::{error, info, warn};
+use log::info;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server, ShutdownWatch};
-use pingora::services::background::{background_service, BackgroundService};
-use pingora::services::listening::Service;
+use pingora::server::{RunArgs, Server};
 
-use crate::config::{Config, Problem};
-use crate::delivery::Delivery;
-use crate::http::admin::AdminApp;
-use crate::http::client_ip::ClientIpPolicy;
+use crate::config::{AdminConfig, Config, ListenConfig, Problem, ServerSettings};
+use crate::http::builder::{PostbacksBuilder, PostbacksConfig};
 use crate::http::postbacks::Postbacks;
 use crate::http::proxy::PostbackProxy;
-use crate::http::upstream::{self, HealthCheckService, Upstream};
-use crate::postback::auth::KeyStore;
-use crate::postback::route::{Route, Router};
-use crate::postback::Postback;
-use crate::{sink, units::HumanDuration};
+use crate::http::tls;
+use crate::http::upstream::{self, HealthCheckService, Upstream, UpstreamConfig};
 
-/// The largest body a postback may have (`postback.max_body_bytes`), so that the record made of
-/// it always fits one frame of the disk buffer.
-// TODO(lead): take this from the delivery side once the frame limit is exported there.
-const MAX_RECORD_BYTES: u64 = 32 << 20;
-
-/// What the configuration checks produce, before anything is opened.
-struct Checked {
-    router: Router,
-    postback: Postback,
-    upstream_addrs: Vec<SocketAddr>,
-    sink_names: Vec<String>,
+/// The server's own sections of the file, beside what [`Postbacks`] reads.
+struct ServerParts {
+    server: ServerSettings,
+    listen: Vec<ListenConfig>,
+    admin: Option<AdminConfig>,
+    upstream: UpstreamConfig,
 }
 
-/// Runs every check on `config` that needs no side effects: routes, keys, limits, sinks,
-/// addresses, upstream resolution. Each problem names its field.
-fn check(config: &Config) -> Result<Checked, Vec<Problem>> {
-    let mut problems = Vec::new();
-    let sink_names: Vec<String> = config.sinks.keys().cloned().collect();
-    if sink_names.is_empty() {
-        problems.push(Problem::new("sinks", "must not be empty"));
-    }
-    for (name, cfg) in &config.sinks {
-        problems.extend(sink::validate(name, cfg));
-    }
-    if config.routes.is_empty() {
-        problems.push(Problem::new("routes", "must not be empty"));
-    }
-    let mut routes = Vec::new();
-    for (i, r) in config.routes.iter().enumerate() {
-        let field = format!("routes[{i}]");
-        let mut sinks = Vec::new();
-        for name in r.sink.names() {
-            match sink_names.iter().position(|n| n == name) {
-                Some(id) if sinks.contains(&id) => problems.push(Problem::new(
-                    format!("{field}.sink"),
-                    format!("names `{name}` twice"),
-                )),
-                Some(id) => sinks.push(id),
-                None => problems.push(Problem::new(
-                    format!("{field}.sink"),
-                    format!("no sink named `{name}` in `sinks`"),
-                )),
-            }
-        }
-        if r.sink.names().is_empty() {
-            problems.push(Problem::new(
-                format!("{field}.sink"),
-                "must name at least one sink",
-            ));
-        }
-        if sinks.len() != r.sink.names().len() {
-            continue;
-        }
-        match Route::compile(r, sinks, &field) {
-            Ok(route) => routes.push(route),
-            Err(p) => problems.extend(p),
-        }
-    }
-    for name in &sink_names {
-        if !config.routes.iter().any(|r| r.sink.names().contains(name)) {
-            warn!("sink `{name}` is configured but no route uses it");
-        }
-    }
-    let client_ip = ClientIpPolicy::from_config(&config.client_ip).map_err(|p| problems.extend(p));
-    let keys = KeyStore::from_config(&config.auth.write_keys).map_err(|p| problems.extend(p));
-    let postback = match (keys, client_ip) {
-        (Ok(keys), Ok(client_ip)) => {
-            Postback::from_config(&config.postback, keys, client_ip, MAX_RECORD_BYTES)
-                .map_err(|p| problems.extend(p))
-        }
-        _ => Err(()),
+/// Splits the file into the server's sections and the postbacks'.
+fn split(config: Config) -> (ServerParts, PostbacksBuilder) {
+    let Config {
+        server,
+        listen,
+        admin,
+        upstream,
+        routes,
+        auth,
+        client_ip,
+        postback,
+        sinks,
+        delivery,
+    } = config;
+    let postbacks = PostbacksConfig {
+        routes,
+        auth,
+        client_ip,
+        postback,
+        sinks: Some(sinks),
+        delivery,
     };
-    if config.auth.write_keys.is_empty() {
-        warn!("auth.write_keys is empty: every postback will be refused with 403");
-    }
-    if config.listen.is_empty() {
+    (
+        ServerParts {
+            server,
+            listen,
+            admin,
+            upstream,
+        },
+        Postbacks::builder(postbacks),
+    )
+}
+
+/// Checks the server's sections: listeners, the admin address, thread and keep-alive settings,
+/// and resolves the upstream peers. Each problem names its field.
+fn check_server(parts: &ServerParts) -> Result<Vec<SocketAddr>, Vec<Problem>> {
+    let mut problems = Vec::new();
+    if parts.listen.is_empty() {
         problems.push(Problem::new("listen", "must not be empty"));
     }
-    for (i, l) in config.listen.iter().enumerate() {
+    for (i, l) in parts.listen.iter().enumerate() {
         if l.address.parse::<SocketAddr>().is_err() {
             problems.push(Problem::new(
                 format!("listen[{i}].address"),
@@ -110,136 +75,77 @@ fn check(config: &Config) -> Result<Checked, Vec<Problem>> {
             ));
         }
         if let Some(tls) = &l.tls {
-            problems.extend(check_tls_files(tls, &format!("listen[{i}].tls")));
+            problems.extend(tls::check_files(tls, &format!("listen[{i}].tls")));
         }
     }
-    if let Some(admin) = &config.admin {
+    if let Some(admin) = &parts.admin {
         if admin.address.parse::<SocketAddr>().is_err() {
             problems.push(Problem::new(
                 "admin.address",
                 format!("`{}` is not an ip:port address", admin.address),
             ));
-        } else if config.listen.iter().any(|l| l.address == admin.address) {
+        } else if parts.listen.iter().any(|l| l.address == admin.address) {
             problems.push(Problem::new(
                 "admin.address",
                 "must differ from every listen address",
             ));
         }
     }
-    if config.server.keepalive_timeout_seconds == 0 {
+    if parts.server.keepalive_timeout_seconds == 0 {
         problems.push(Problem::new(
             "server.keepalive_timeout_seconds",
             "must be at least 1",
         ));
     }
-    if config.server.threads == 0 {
+    if parts.server.threads == 0 {
         problems.push(Problem::new("server.threads", "must be at least 1"));
     }
-    problems.extend(Delivery::validate(&config.delivery));
-    let upstream_addrs = upstream::resolve(&config.upstream).map_err(|p| problems.extend(p));
-    match (postback, upstream_addrs) {
-        (Ok(postback), Ok(upstream_addrs)) if problems.is_empty() => Ok(Checked {
-            router: Router::new(routes),
-            postback,
-            upstream_addrs,
-            sink_names,
-        }),
+    let addrs = upstream::resolve(&parts.upstream).map_err(|p| problems.extend(p));
+    match addrs {
+        Ok(addrs) if problems.is_empty() => Ok(addrs),
         _ => Err(problems),
     }
 }
 
-/// Loads a listener's certificate chain and key as Pingora will, so a bad pair is a problem
-/// named by its field rather than a failure of the running server.
-fn check_tls_files(tls: &crate::config::TlsConfig, field: &str) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    for (what, path) in [("cert", &tls.cert), ("key", &tls.key)] {
-        if !path.is_file() {
-            problems.push(Problem::new(
-                format!("{field}.{what}"),
-                format!("`{}` is not a readable file", path.display()),
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        return problems;
-    }
-    let (cert, key) = (tls.cert.to_string_lossy(), tls.key.to_string_lossy());
-    let loaded = match pingora::tls::load_certs_and_key_files(&cert, &key) {
-        Ok(Some(pair)) => pair,
-        _ => {
-            return vec![Problem::new(
-                format!("{field}.cert"),
-                format!(
-                "cannot load a PEM certificate chain from `{cert}` and a private key from `{key}`"
-            ),
-            )]
-        }
-    };
-    crate::http::tls::install_crypto_provider();
-    let (certs, key_der) = loaded;
-    if let Err(e) = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-    {
-        problems.push(Problem::new(
-            format!("{field}.key"),
-            format!("does not fit the certificate in `{cert}`: {e}"),
-        ));
-    }
-    problems
-}
-
-/// Checks `config` as `--check` does; an empty list means it would start.
-pub fn validate(config: &Config) -> Vec<Problem> {
-    check(config).err().unwrap_or_default()
-}
-
-/// The assembled proxy, ready to run.
+/// The standalone proxy, assembled from the whole configuration file and ready to run: what
+/// the `postback-proxy` binary runs.
 pub struct App {
-    config: Config,
+    parts: ServerParts,
+    postbacks: Arc<Postbacks>,
     proxy: PostbackProxy,
-    delivery: Arc<Delivery>,
     health_check: HealthCheckService,
 }
 
 impl App {
-    /// Checks `config` and opens its sinks. Runs once at start-up.
+    /// Checks `config` as `--check` does, opening nothing; an empty list means it would start.
+    pub fn validate(config: Config) -> Vec<Problem> {
+        let (parts, postbacks) = split(config);
+        let mut problems = postbacks.check();
+        problems.extend(check_server(&parts).err().unwrap_or_default());
+        problems
+    }
+
+    /// Checks `config`, opens its sinks and buffers. Runs once at start-up.
     pub fn build(config: Config) -> Result<App, Vec<Problem>> {
-        let checked = check(&config)?;
-        let mut sinks = Vec::new();
-        let mut problems = Vec::new();
-        for name in &checked.sink_names {
-            match sink::open(name, &config.sinks[name]) {
-                Ok(s) => sinks.push((name.clone(), s)),
-                Err(p) => problems.push(p),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        let (upstream, health_check) = Upstream::new(&config.upstream, &checked.upstream_addrs)
+        let (parts, builder) = split(config);
+        let mut problems = builder.check();
+        let addrs = check_server(&parts).map_err(|p| problems.extend(p));
+        let addrs = match addrs {
+            Ok(addrs) if problems.is_empty() => addrs,
+            _ => return Err(problems),
+        };
+        let postbacks = Arc::new(builder.build().map_err(|e| e.0)?);
+        let (upstream, health_check) = Upstream::new(&parts.upstream, &addrs)
             .map_err(|e| vec![Problem::new("upstream.peers", e.to_string())])?;
-        let delivery = Delivery::open(&config.delivery, sinks).map_err(|e| {
-            vec![Problem::new(
-                "delivery.dir",
-                format!(
-                    "cannot open the buffer in `{}`: {e}",
-                    config.delivery.dir.display()
-                ),
-            )]
-        })?;
-        let delivery = Arc::new(delivery);
-        let postbacks = Arc::new(Postbacks::new(
-            checked.router,
-            checked.postback,
-            delivery.clone(),
-        ));
-        let proxy =
-            PostbackProxy::new(postbacks, upstream, config.server.keepalive_timeout_seconds);
+        let proxy = PostbackProxy::new(
+            postbacks.clone(),
+            upstream,
+            parts.server.keepalive_timeout_seconds,
+        );
         Ok(App {
-            config,
+            parts,
+            postbacks,
             proxy,
-            delivery,
             health_check,
         })
     }
@@ -247,7 +153,7 @@ impl App {
     /// Runs the server until SIGTERM, SIGINT or SIGQUIT, then delivers what is queued and returns.
     /// `daemon` and `upgrade` are the command-line switches.
     pub fn run(self, daemon: bool, upgrade: bool) -> Result<(), pingora::BError> {
-        let s = &self.config.server;
+        let s = &self.parts.server;
         let mut conf = ServerConf {
             threads: s.threads,
             daemon: daemon || s.daemon,
@@ -270,7 +176,7 @@ impl App {
         server.bootstrap();
 
         let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, self.proxy);
-        for l in &self.config.listen {
+        for l in &self.parts.listen {
             match &l.tls {
                 None => proxy.add_tcp(&l.address),
                 Some(tls) => {
@@ -290,35 +196,15 @@ impl App {
         }
         server.add_service(proxy);
         server.add_service(self.health_check);
-        server.add_service(background_service(
-            "delivery",
-            DeliveryStarter(self.delivery.clone()),
-        ));
-        if let Some(admin) = &self.config.admin {
-            let mut service =
-                Service::new("admin".to_string(), AdminApp::new(self.delivery.clone()));
-            service.add_tcp(&admin.address);
-            server.add_service(service);
+        server.add_service(self.postbacks.delivery_service_without_drain());
+        if let Some(admin) = &self.parts.admin {
+            server.add_service(self.postbacks.admin_service(&admin.address));
             info!("admin listener on {}", admin.address);
         }
 
         server.run(RunArgs::default());
-        let drain = HumanDuration::secs(self.config.server.graceful_shutdown_timeout_seconds);
-        self.delivery.finish(drain.0.max(Duration::from_secs(1)));
+        let drain = Duration::from_secs(self.parts.server.graceful_shutdown_timeout_seconds);
+        self.postbacks.finish(drain.max(Duration::from_secs(1)));
         Ok(())
-    }
-}
-
-/// Starts the delivery thread inside Pingora's service start-up, i.e. after any daemon fork.
-struct DeliveryStarter(Arc<Delivery>);
-
-#[async_trait]
-impl BackgroundService for DeliveryStarter {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        if let Err(e) = self.0.start() {
-            error!("cannot start the delivery thread: {e}");
-        }
-        // Delivery runs on its own thread; this service only lives as long as the server.
-        let _ = shutdown.changed().await;
     }
 }

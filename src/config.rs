@@ -328,7 +328,7 @@ impl Default for RotateConfig {
     }
 }
 
-fn default_sinks() -> BTreeMap<String, SinkConfig> {
+pub(crate) fn default_sinks() -> BTreeMap<String, SinkConfig> {
     let mut sinks = BTreeMap::new();
     sinks.insert(
         "main".to_string(),

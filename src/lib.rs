@@ -1,32 +1,117 @@
-//! postback-proxy: a Pingora reverse proxy that answers tracking-pixel postbacks itself and forwards
-//! everything else to the origin.
+//! postback-proxy: Treasure Data compatible tracking-pixel postbacks for a Pingora reverse proxy.
+//!
+//! # Use it in your own Pingora proxy
+//!
+//! [`Postbacks`] answers postback requests (`/postback/v3/event/{database}/{table}?...`) in your
+//! `request_filter` and hands each record to a sink; every other request is yours to proxy. Sinks
+//! come from the configuration's `sinks:` (file, stdout, kafka, fluent, http) or are your own
+//! [`LogSink`], registered by name; either way they get the disk buffer, batching, retries,
+//! `/sinks` state and metrics.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//!
+//! use async_trait::async_trait;
+//! use pingora::prelude::*;
+//! use postback_proxy::{Batch, LogSink, Postbacks, PostbacksConfig, Rejection, SinkError};
+//!
+//! /// A sink of your own: here, it prints each record.
+//! struct Print;
+//!
+//! #[async_trait]
+//! impl LogSink for Print {
+//!     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
+//!         for record in batch {
+//!             println!("{}.{}: {:?}", record.database, record.table, record.body.columns);
+//!         }
+//!         Ok(Vec::new())
+//!     }
+//! }
+//!
+//! struct MyProxy {
+//!     postbacks: Arc<Postbacks>,
+//! }
+//!
+//! #[async_trait]
+//! impl ProxyHttp for MyProxy {
+//!     type CTX = ();
+//!     fn new_ctx(&self) {}
+//!
+//!     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+//!         // true: a postback, answered. false: proxy it as you always did.
+//!         self.postbacks.handle(session).await
+//!     }
+//!
+//!     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
+//!         Ok(Box::new(HttpPeer::new("127.0.0.1:3000", false, String::new())))
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = PostbacksConfig::from_yaml(
+//!         "auth: { write_keys: [{ key: 'KEY' }] }\nroutes: [{ path: '/postback/v3/event/{database}/{table}', sink: print }]",
+//!     )?;
+//!     let postbacks = Arc::new(Postbacks::builder(config).sink("print", Print).build()?);
+//!     let mut server = Server::new(None)?;
+//!     server.bootstrap();
+//!     server.add_service(postbacks.delivery_service(&server.configuration));
+//!     let mut proxy = http_proxy_service(&server.configuration, MyProxy { postbacks });
+//!     proxy.add_tcp("0.0.0.0:8080");
+//!     server.add_service(proxy);
+//!     server.run_forever();
+//! }
+//! ```
 //!
 //! # Architecture
 //!
-//! Data flows one way. [`proxy::PostbackProxy`] is the Pingora [`ProxyHttp`](pingora::proxy::ProxyHttp)
-//! implementation: in `request_filter` it asks the [`route::Router`] whether the path is a postback
-//! route. If not, the request streams to an upstream peer picked by [`upstream`] and the proxy adds the
-//! `X-Forwarded-*` headers. If it is, the proxy reads the (bounded) body and hands a plain
-//! [`postback::PostbackRequest`] to [`postback::Postback::handle`], which knows nothing about Pingora:
-//! it checks the write key ([`auth`]), parses the query or body ([`query`]), resolves the client
-//! address ([`client_ip`]), the visitor's global id ([`cookie`]) and any redirect ([`redirect`]), and
-//! returns the [`record::Record`]s plus the answer to send. The records go to [`delivery::Delivery`],
-//! which owns one lane per configured sink: a bounded buffer and a background writer that batches
-//! records into a [`sink::LogSink`]. Only when delivery has accepted the records does the client get
-//! its GIF, redirect or `{}`. The proxy layer never sees a sink's details; the sinks never see HTTP.
+//! Data flows one way: request -> route -> record -> delivery -> sink.
+//! - `http/`: the Pingora side. [`Postbacks::handle`] matches the path against the routes, reads a
+//!   bounded body, and hands a plain request to the postback rules; the standalone proxy service
+//!   (`http::proxy`) adds the upstream peers with health checks and the `X-Forwarded-*` headers
+//!   (`http::forwarded`, the client address in `http::client_ip`); the admin listener
+//!   ([`AdminApp`]) and TLS set-up live here too.
+//! - `postback/`: request -> records + reply, knowing nothing of Pingora: routes, then limits,
+//!   CORS, parameters (query, form, JSON, td-js-sdk), write keys, privacy, the global-id cookie,
+//!   redirects, the records and the reply, each in its own module, in the order they apply.
+//! - `delivery/`: one lane per sink: a buffer (the crash-safe disk log by default, or memory),
+//!   batching, retries with backoff, `rejected.jsonl`. Only when delivery accepted the records does
+//!   the client get its answer.
+//! - `sink/`: the [`LogSink`] trait and one folder per built-in sink; the proxy never sees a
+//!   sink's details, and sinks never see HTTP.
+//! - Shared leaves: [`Record`], `metrics` (Prometheus), `template` (`{database}`/`{table}`),
+//!   `units` (durations, sizes, addresses), `config` (the file's root, and [`Problem`]).
 //!
-//! Configuration is one YAML file ([`config`]); [`app::App::build`] turns it into these parts,
-//! collecting every problem with the field that caused it, so `--check` and start-up report the same
-//! errors. Counters for every limit, drop and failure live in [`metrics`].
+//! The standalone binary is [`App`]: it reads the whole file ([`Config`]), builds [`Postbacks`]
+//! through the same builder, and adds listeners, TLS and upstreams.
+#![deny(missing_docs)]
 
-pub mod app;
+// The crate's inner modules are public only for its own fuzz targets, benches and regression
+// tests; they are hidden from the documentation and carry no stability promise. The API is what
+// the crate root re-exports.
+mod app;
+#[doc(hidden)]
 pub mod config;
+#[doc(hidden)]
 pub mod delivery;
+#[doc(hidden)]
 pub mod http;
-pub mod metrics;
+mod metrics;
+#[doc(hidden)]
 pub mod postback;
+#[doc(hidden)]
 pub mod record;
+#[doc(hidden)]
 pub mod sink;
 mod sync;
+#[doc(hidden)]
 pub mod template;
+#[doc(hidden)]
 pub mod units;
+
+pub use app::App;
+pub use config::{Config, ConfigError, Problem};
+pub use http::admin::AdminApp;
+pub use http::builder::{BuildError, PostbacksBuilder, PostbacksConfig};
+pub use http::postbacks::{DeliveryService, Postbacks};
+pub use record::{Record, RecordBody};
+pub use sink::{Batch, LogSink, Rejection, SinkError};

@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mimalloc::MiMalloc;
-use postback_proxy::app::{self, App};
-use postback_proxy::config::{Config, ConfigError};
+use postback_proxy::{App, Config, ConfigError};
 
 /// mimalloc: the proxy allocates and frees many small buffers per request, and glibc's allocator
 /// showed up at about an eighth of the CPU time in profiles.
@@ -40,7 +39,7 @@ fn main() -> ExitCode {
         Err(e) => return report(&e),
     };
     if args.check {
-        let problems = app::validate(&config);
+        let problems = App::validate(config);
         if problems.is_empty() {
             println!("configuration OK");
             return ExitCode::SUCCESS;

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod builder;
 pub mod client_ip;
 pub mod forwarded;
 pub mod postbacks;

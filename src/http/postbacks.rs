@@ -1,14 +1,25 @@
-//! The postback request filter: what a Pingora `request_filter` calls to answer postbacks.
+//! [`Postbacks`]: the postback request filter a Pingora `request_filter` calls, and the services
+//! (delivery, admin listener) that go with it.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use log::error;
+use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::{background_service, BackgroundService, GenBackgroundService};
+use pingora::services::listening::Service;
 
 use http::{header, Method};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
+use super::admin::AdminApp;
 use super::body::{read_body, settle_body};
+use super::builder::{PostbacksBuilder, PostbacksConfig};
+use super::client_ip::ClientIpPolicy;
 use super::forwarded::{is_tls, peer_ip};
 use crate::delivery::Delivery;
 use crate::metrics;
@@ -16,7 +27,12 @@ use crate::postback::reply::{ErrorKind, Refusal, Reply};
 use crate::postback::route::{Route, RouteMatch, Router};
 use crate::postback::{Postback, PostbackRequest, Target};
 
-/// The postback routes, their rules and the delivery they hand records to.
+/// Treasure Data compatible postbacks for a Pingora proxy: the routes, their rules, and the
+/// delivery of records to the sinks.
+///
+/// Build it with [`Postbacks::builder`], call [`Postbacks::handle`] first in your
+/// `ProxyHttp::request_filter`, and add [`Postbacks::delivery_service`] (and, if you like,
+/// [`Postbacks::admin_service`]) to your `Server`.
 pub struct Postbacks {
     router: Router,
     postback: Postback,
@@ -24,8 +40,23 @@ pub struct Postbacks {
 }
 
 impl Postbacks {
-    /// Assembles the filter from its parts.
-    pub fn new(router: Router, postback: Postback, delivery: Arc<Delivery>) -> Self {
+    /// A builder from the configuration's sections; add sinks of your own with
+    /// [`PostbacksBuilder::sink`], then [`PostbacksBuilder::build`].
+    ///
+    /// ```
+    /// use postback_proxy::{Postbacks, PostbacksConfig};
+    ///
+    /// let config = PostbacksConfig::from_yaml(
+    ///     "auth: { write_keys: [{ key: 'KEY' }] }\nsinks: { main: { type: stdout } }",
+    /// )
+    /// .unwrap();
+    /// assert!(Postbacks::builder(config).check().is_empty());
+    /// ```
+    pub fn builder(config: PostbacksConfig) -> PostbacksBuilder {
+        PostbacksBuilder::new(config)
+    }
+
+    pub(crate) fn new(router: Router, postback: Postback, delivery: Arc<Delivery>) -> Self {
         Postbacks {
             router,
             postback,
@@ -33,9 +64,55 @@ impl Postbacks {
         }
     }
 
-    /// The postback rules (the client address policy is shared with the proxied requests).
-    pub fn rules(&self) -> &Postback {
-        &self.postback
+    /// The client address policy of `client_ip:`, for the `X-Forwarded-For` sent upstream.
+    pub(crate) fn client_ip_policy(&self) -> &ClientIpPolicy {
+        self.postback.client_ip_policy()
+    }
+
+    /// The Pingora background service that runs delivery: add it to your `Server`. It starts
+    /// the sinks' lanes when the server starts; at SIGTERM it makes `/readyz` answer 503 at once,
+    /// lets requests in flight finish for `grace_period_seconds`, then delivers what the sinks take
+    /// within `graceful_shutdown_timeout_seconds` (with the disk buffer, the rest waits on disk
+    /// for the next start).
+    pub fn delivery_service(&self, server: &ServerConf) -> GenBackgroundService<DeliveryService> {
+        background_service(
+            "delivery",
+            DeliveryService {
+                delivery: self.delivery.clone(),
+                grace: Duration::from_secs(server.grace_period_seconds.unwrap_or(0)),
+                drain: Some(Duration::from_secs(
+                    server.graceful_shutdown_timeout_seconds.unwrap_or(5).max(1),
+                )),
+            },
+        )
+    }
+
+    /// The delivery service of a server that calls [`Postbacks::finish`] itself once
+    /// `Server::run` returns (our binary): it starts delivery and turns readiness off at SIGTERM,
+    /// and leaves the drain to the caller, which can wait for it.
+    pub(crate) fn delivery_service_without_drain(&self) -> GenBackgroundService<DeliveryService> {
+        background_service(
+            "delivery",
+            DeliveryService {
+                delivery: self.delivery.clone(),
+                grace: Duration::ZERO,
+                drain: None,
+            },
+        )
+    }
+
+    /// A listening service for the admin endpoints (`/metrics`, `/healthz`, `/readyz`, `/sinks`)
+    /// on `address`, an `ip:port` that only operators reach.
+    pub fn admin_service(&self, address: &str) -> Service<AdminApp> {
+        let mut service = Service::new("admin".to_string(), AdminApp::new(self.delivery.clone()));
+        service.add_tcp(address);
+        service
+    }
+
+    /// Delivers what is buffered and closes the sinks, waiting at most `drain`; for a server
+    /// that returns from `Server::run` (our binary does, after the delivery service's drain).
+    pub fn finish(&self, drain: Duration) {
+        self.delivery.finish(drain);
     }
 
     /// Runs in `request_filter` for every request. When the path is a postback route, answers
@@ -163,4 +240,30 @@ fn count(route: &Route, outcome: &str, started: Instant) {
     metrics::REQUEST_DURATION
         .with_label_values(&["postback"])
         .observe(started.elapsed().as_secs_f64());
+}
+
+/// Runs delivery inside a Pingora server (see [`Postbacks::delivery_service`]).
+pub struct DeliveryService {
+    delivery: Arc<Delivery>,
+    grace: Duration,
+    /// `None`: the owner of the server drains after `Server::run` returns.
+    drain: Option<Duration>,
+}
+
+#[async_trait]
+impl BackgroundService for DeliveryService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Started here, inside Pingora's service start-up, so it runs after a `--daemon` fork.
+        if let Err(e) = self.delivery.start() {
+            error!("cannot start delivery: {e}");
+        }
+        let _ = shutdown.changed().await;
+        // TODO(lead): readiness off at once when delivery exposes it.
+        let Some(drain) = self.drain else {
+            return;
+        };
+        tokio::time::sleep(self.grace).await;
+        let delivery = self.delivery.clone();
+        let _ = tokio::task::spawn_blocking(move || delivery.finish(drain)).await;
+    }
 }

@@ -80,7 +80,7 @@ impl ProxyHttp for PostbackProxy {
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let policy = self.postbacks.rules().client_ip_policy();
+        let policy = self.postbacks.client_ip_policy();
         add_forwarded_headers(session, policy, upstream_request)
     }
 
