@@ -638,7 +638,7 @@ fn start_load(
                         Ok(resp) => {
                             let status = resp.status().as_u16();
                             match resp.bytes().await {
-                                Ok(body) if status == 200 && body[..] == PIXEL_GIF => Ok(()),
+                                Ok(body) if status == 200 && body[..] == *PIXEL_GIF => Ok(()),
                                 Ok(body) => Err(format!(
                                     "status {status}, body {:?}",
                                     String::from_utf8_lossy(&body)
@@ -933,7 +933,7 @@ fn conf_tls_yaml_serves_https_with_its_self_signed_pair() {
             .await
             .expect("HTTPS request to conf/tls.yaml");
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.bytes().await.unwrap()[..], PIXEL_GIF);
+        assert_eq!(resp.bytes().await.unwrap()[..], *PIXEL_GIF);
     });
     let records = proxy.records(1);
     assert_eq!(records[0]["record"]["page"], "/home");

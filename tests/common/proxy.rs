@@ -2,10 +2,12 @@
 //! directory, listening on free loopback ports.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use super::process::{append, eventually, owns_listener, Proc};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -82,22 +84,25 @@ pub struct TestPki {
     pub server: TlsFiles,
 }
 
+/// Runs `openssl ARGS` in `dir`; panics with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (is it installed?)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl TestPki {
     /// Creates the files in `dir`.
     pub fn create(dir: &Path) -> TestPki {
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .output()
-                .expect("run openssl (is it installed?)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| openssl(dir, args);
         openssl(&[
             "req",
             "-x509",
@@ -232,13 +237,7 @@ impl Settings {
             (Some(_), None) => panic!("a TLS listener needs a port: use yaml_with_tls"),
         };
         format!(
-            r#"server:
-  threads: 2
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 2
-  upgrade_sock: {dir}/upgrade.sock
-  pid_file: {dir}/proxy.pid
-
+            r#"{server}
 listen:
   - address: 127.0.0.1:{port}
 {tls_listen}
@@ -292,6 +291,7 @@ delivery:
   batch: {{ max_records: {batch_records}, max_wait: {max_wait} }}
   retry: {{ initial: 50ms, max: 500ms }}
 {delivery_extra}"#,
+            server = server_yaml(dir),
             dir = dir.display(),
             upstream = list(&self.upstream),
             trusted = list(&self.trusted_proxies),
@@ -310,55 +310,45 @@ delivery:
     }
 }
 
-/// A port that nothing listens on right now, outside the kernel's ephemeral range (so origins
-/// and clients, which bind port 0, do not take it in the meantime).
-pub fn free_port() -> u16 {
-    for _ in 0..200 {
-        let port = fastrand::u16(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port found");
-}
+pub use super::process::free_port;
 
 /// A loopback port with nothing listening on it (bound, then released).
 pub fn closed_port() -> u16 {
     free_port()
 }
 
-/// `true` when process `pid` holds the socket listening on `127.0.0.1:port` (Linux `/proc`), so
-/// we are talking to our own proxy, not to another test's.
-fn owns_listener(pid: u32, port: u16) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
-        // Not Linux: fall back to trusting the connect.
-        return true;
-    };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
-        })
-        .collect();
-    if inodes.is_empty() {
-        return false;
-    }
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        fs::read_link(fd.path()).is_ok_and(|target| {
-            let t = target.to_string_lossy();
-            inodes.iter().any(|i| t == format!("socket:[{i}]"))
-        })
-    })
+/// The `server:` section every test configuration starts with: two threads, short grace
+/// periods, the upgrade socket and pid file in `dir`.
+pub fn server_yaml(dir: &Path) -> String {
+    format!(
+        "server:
+  threads: 2
+  grace_period_seconds: 1
+  graceful_shutdown_timeout_seconds: 2
+  upgrade_sock: {dir}/upgrade.sock
+  pid_file: {dir}/proxy.pid
+",
+        dir = dir.display()
+    )
+}
+
+/// Runs `postback-proxy <flag> FILE --check` in `cwd`: the output, its stdout and its stderr.
+pub fn check(flag: &str, file: &Path, cwd: &Path) -> (Output, String, String) {
+    let out = Command::new(binary())
+        .arg(flag)
+        .arg(file)
+        .arg("--check")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run postback-proxy --check");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
 }
 
 /// Starts the binary with `-c config` and `args`, in `work`, its stderr and stdout appended to
-/// the files `stderr` and `stdout` there. Returns the child and the stderr path.
+/// the files `stderr` and `stdout` there.
 fn spawn_binary(
     work: &Path,
     config: &Path,
@@ -366,14 +356,7 @@ fn spawn_binary(
     stderr: &str,
     stdout: &str,
     env: &[(String, String)],
-) -> (Child, PathBuf) {
-    let log = |name: &str| {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(work.join(name))
-            .unwrap()
-    };
+) -> Proc {
     let child = Command::new(binary())
         .arg("-c")
         .arg(config)
@@ -382,11 +365,11 @@ fn spawn_binary(
         .env("RUST_LOG", "info")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(log(stdout))
-        .stderr(log(stderr))
+        .stdout(append(&work.join(stdout)))
+        .stderr(append(&work.join(stderr)))
         .spawn()
         .expect("spawn postback-proxy");
-    (child, work.join(stderr))
+    Proc::adopt("postback-proxy", child, work.join(stderr))
 }
 
 /// A running proxy; killed when dropped.
@@ -403,12 +386,10 @@ pub struct Proxy {
     /// The working directory of the process (`dir`, or the first instance's for
     /// [`Proxy::start_upgrade`]).
     work: PathBuf,
-    /// Where the process's stderr goes.
-    stderr_path: PathBuf,
     /// Extra environment of the process.
     env: Vec<(String, String)>,
-    child: Child,
-    exited: Option<ExitStatus>,
+    /// The process; its log is its stderr.
+    proc: Proc,
 }
 
 /// The ports a configuration is written for.
@@ -504,8 +485,7 @@ impl Proxy {
             fs::write(&config_path, yaml(dir.path(), &ports)).unwrap();
             let events = events(dir.path());
             let work = dir.path().to_path_buf();
-            let (child, stderr_path) =
-                spawn_binary(&work, &config_path, &[], "stderr.log", "stdout.log", env);
+            let proc = spawn_binary(&work, &config_path, &[], "stderr.log", "stdout.log", env);
             let mut proxy = Proxy {
                 dir,
                 port,
@@ -514,10 +494,8 @@ impl Proxy {
                 events,
                 config_path,
                 work,
-                stderr_path,
                 env: env.to_vec(),
-                child,
-                exited: None,
+                proc,
             };
             match proxy.wait_listening() {
                 Ok(()) => return proxy,
@@ -533,39 +511,12 @@ impl Proxy {
     }
 
     fn wait_listening(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let pid = self.child.id();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.exited = Some(status);
-                return Err(format!(
-                    "exited with {status} before listening; stderr:\n{}",
-                    self.stderr()
-                ));
-            }
-            let ready = |port: u16| {
-                owns_listener(pid, port)
-                    && TcpStream::connect_timeout(
-                        &SocketAddr::from(([127, 0, 0, 1], port)),
-                        Duration::from_secs(1),
-                    )
-                    .is_ok()
-            };
-            if ready(self.port)
-                && (self.admin_port == 0 || ready(self.admin_port))
-                && (self.tls_port == 0 || ready(self.tls_port))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "not listening on {} after 20 s; stderr:\n{}",
-                    self.port,
-                    self.stderr()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ports: Vec<u16> = [self.port, self.admin_port, self.tls_port]
+            .into_iter()
+            .filter(|&p| p != 0)
+            .collect();
+        self.proc
+            .try_wait_listening(&ports, Duration::from_secs(20))
     }
 
     /// `127.0.0.1:PORT` of the proxy listener.
@@ -589,7 +540,7 @@ impl Proxy {
     /// once this one gets SIGQUIT. Returns at once (the new process binds nothing by itself);
     /// see [`Proxy::wait_upgrade_sock`]. Its stderr goes to `stderr-upgrade.log`.
     pub fn start_upgrade(&self) -> Proxy {
-        let (child, stderr_path) = spawn_binary(
+        let proc = spawn_binary(
             &self.work,
             &self.config_path,
             &["--upgrade"],
@@ -605,10 +556,8 @@ impl Proxy {
             events: self.events.clone(),
             config_path: self.config_path.clone(),
             work: self.work.clone(),
-            stderr_path,
             env: self.env.clone(),
-            child,
-            exited: None,
+            proc,
         }
     }
 
@@ -623,8 +572,7 @@ impl Proxy {
         use std::os::unix::fs::FileTypeExt;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.exited = Some(status);
+            if let Some(status) = self.proc.exited() {
                 panic!(
                     "the new process exited with {status} before taking over; stderr:\n{}",
                     self.stderr()
@@ -646,21 +594,12 @@ impl Proxy {
 
     /// `true` when this process holds the listening socket of `port` (Linux `/proc`).
     pub fn owns_listener(&self, port: u16) -> bool {
-        owns_listener(self.child.id(), port)
+        owns_listener(self.proc.pid(), port)
     }
 
     /// `true` while the process runs.
     pub fn running(&mut self) -> bool {
-        if self.exited.is_some() {
-            return false;
-        }
-        match self.child.try_wait().unwrap() {
-            Some(status) => {
-                self.exited = Some(status);
-                false
-            }
-            None => true,
-        }
+        self.proc.running()
     }
 
     /// `http://127.0.0.1:ADMIN_PORT{path}`.
@@ -670,7 +609,21 @@ impl Proxy {
 
     /// The proxy's stderr so far.
     pub fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        self.proc.log()
+    }
+
+    /// Waits (up to `limit`) until the proxy's stderr contains `text`; panics if it does not.
+    pub fn wait_log(&self, text: &str, limit: Duration) {
+        assert!(
+            eventually(limit, || self.stderr().contains(text)),
+            "no `{text}` in the log after {limit:?}:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// `{dir}/rejected.jsonl` of the harness's buffer directory, as it is now (empty if absent).
+    pub fn rejected(&self) -> String {
+        fs::read_to_string(self.dir.path().join("buffer/rejected.jsonl")).unwrap_or_default()
     }
 
     /// The records in the file sink right now (whole lines only).
@@ -749,28 +702,24 @@ impl Proxy {
 
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
-        }
+        self.proc.kill();
     }
 
     /// The temporary directory (configuration, sink file, buffer), to start another proxy in it
     /// with [`Proxy::start_in`]. Call after the process exited.
     pub fn take_dir(&mut self) -> tempfile::TempDir {
-        assert!(self.exited.is_some(), "take_dir on a running proxy");
+        assert!(self.proc.exited().is_some(), "take_dir on a running proxy");
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) {
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.child.id());
+        self.proc.signal(signal);
     }
 
     /// Sends SIGTERM.
@@ -780,32 +729,6 @@ impl Proxy {
 
     /// Waits up to `limit` for the process to exit; panics (with stderr) if it does not.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        if let Some(s) = self.exited {
-            return s;
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.exited = Some(status);
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "the proxy did not exit within {limit:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.proc.wait_exit(limit)
     }
 }

@@ -17,10 +17,7 @@ pub struct RawResponse {
 impl RawResponse {
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        super::server::header_in(&self.headers, name)
     }
 
     /// The body as text.
