@@ -250,7 +250,10 @@ fn main() {
             runtime.block_on(async {
                 for chunk in batch[..n].chunks(size) {
                     let mut tries = 0;
-                    while let Err(e) = sink.write_batch(&sink::Batch::new(chunk, String::new())).await {
+                    while let Err(e) = sink
+                        .write_batch(&sink::Batch::new(chunk, String::new()))
+                        .await
+                    {
                         tries += 1;
                         assert!(tries < 50, "{name}: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;

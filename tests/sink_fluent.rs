@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::proxy::{check, server_yaml};
+use common::proxy::{check, sink_test_yaml};
 use common::{free_port, now, Proc, Proxy};
 use serde_json::{json, Value};
 
@@ -134,32 +134,7 @@ async fn accepted_pixel(proxy: &Proxy, client: &reqwest::Client, table: &str, n:
 }
 
 fn yaml(dir: &Path, port: u16, upstream: u16, sink: &str) -> String {
-    let server = server_yaml(dir);
-    let dir = dir.display();
-    format!(
-        r#"{server}
-listen:
-  - address: 127.0.0.1:{port}
-
-upstream:
-  peers: ["127.0.0.1:{upstream}"]
-
-auth:
-  write_keys:
-    - key: "{KEY}"
-      databases: ["web"]
-
-sinks:
-  main:
-{sink}
-
-delivery:
-  buffer: disk
-  dir: {dir}/buffer
-  batch: {{ max_wait: 10ms }}
-  retry: {{ initial: 50ms, max: 500ms }}
-"#
-    )
+    sink_test_yaml(dir, port, upstream, KEY, sink, "500ms")
 }
 
 fn fluent_sink(port: u16, extra: &str) -> String {
@@ -250,9 +225,7 @@ fn names(n: usize) -> BTreeSet<String> {
 async fn pixels_reach_fluentd_with_tag_time_and_columns_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start(dir.path(), 0, &[]);
-    let proxy = start_proxy(
-        &fluent_sink(peer.port, "    require_ack: true\n"),
-    );
+    let proxy = start_proxy(&fluent_sink(peer.port, "    require_ack: true\n"));
     let client = common::client();
     let time = now() - 60;
     // One pixel alone first, then two tables concurrently, so batches hold several tags.
@@ -314,9 +287,10 @@ async fn dropped_connections_wrong_and_missing_acks_are_retried() {
         0,
         &["--drop-first", "2", "--wrong-ack", "1", "--silent", "1"],
     );
-    let proxy = start_proxy(
-        &fluent_sink(peer.port, "    require_ack: true\n    timeout: 500ms\n"),
-    );
+    let proxy = start_proxy(&fluent_sink(
+        peer.port,
+        "    require_ack: true\n    timeout: 500ms\n",
+    ));
     let client = common::client();
     let time = now() - 60;
     let ns = names(5);
@@ -340,12 +314,10 @@ async fn dropped_connections_wrong_and_missing_acks_are_retried() {
 async fn a_custom_tag_template_without_acks() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start(dir.path(), 0, &[]);
-    let proxy = start_proxy(
-        &fluent_sink(
-            peer.port,
-            "    tag: \"app.{table}.from.{database}\"\n    require_ack: false\n",
-        ),
-    );
+    let proxy = start_proxy(&fluent_sink(
+        peer.port,
+        "    tag: \"app.{table}.from.{database}\"\n    require_ack: false\n",
+    ));
     let client = common::client();
     let time = now() - 120;
     let ns = names(3);

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::process::{listening, Proc};
-use common::proxy::{check, server_yaml};
+use common::proxy::{check, sink_test_yaml};
 use common::{closed_port, eventually, free_port, Proxy};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -105,36 +105,11 @@ impl Tansu {
 /// The YAML of the proxy with the sink `main` producing to `brokers`; `sink_extra` is more YAML
 /// for the sink (`key: value` lines, indented by 4).
 fn kafka_yaml(dir: &Path, port: u16, brokers: &str, sink_extra: &str) -> String {
-    let closed = closed_port();
-    format!(
-        r#"{server}
-listen:
-  - address: 127.0.0.1:{port}
-
-upstream:
-  peers: ["127.0.0.1:{closed}"]
-
-auth:
-  write_keys:
-    - key: "{KEY}"
-      databases: ["web"]
-
-sinks:
-  main:
-    type: kafka
-    brokers: ["{brokers}"]
-    topic: "{{database}}.{{table}}"
-    timeout: 5s
-{sink_extra}
-delivery:
-  buffer: disk
-  dir: {d}/buffer
-  batch: {{ max_wait: 10ms }}
-  retry: {{ initial: 50ms, max: 1s }}
-"#,
-        server = server_yaml(dir),
-        d = dir.display(),
-    )
+    let sink = format!(
+        "    type: kafka\n    brokers: [\"{brokers}\"]\n    topic: \"{{database}}.{{table}}\"\n    \
+         timeout: 5s\n{sink_extra}"
+    );
+    sink_test_yaml(dir, port, closed_port(), KEY, &sink, "1s")
 }
 
 /// Starts the real proxy (the harness's, with its port retry) with a Kafka sink, after
@@ -409,9 +384,9 @@ fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
     client.accepted(&proxy, "pageviews", 0..N);
     // The first batch fails (no acknowledgement within the sink's 5 s timeout) and is retried.
     assert!(
-        eventually(Duration::from_secs(40), || proxy
-            .stderr()
-            .contains("no acknowledgement for a message to topic web.pageviews")),
+        eventually(Duration::from_secs(40), || proxy.stderr().contains(
+            "no acknowledgement for a message to topic web.pageviews"
+        )),
         "no failed delivery while the broker is down\nproxy log:\n{}",
         proxy.stderr()
     );

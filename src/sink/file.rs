@@ -213,8 +213,12 @@ mod tests {
         };
         let sink = FileSink::open(&cfg).unwrap();
         let batch: Vec<Record> = (0..10).map(record).collect();
-        sink.write_batch(&Batch::new(&batch[..7], String::new())).await.unwrap();
-        sink.write_batch(&Batch::new(&batch[7..], String::new())).await.unwrap();
+        sink.write_batch(&Batch::new(&batch[..7], String::new()))
+            .await
+            .unwrap();
+        sink.write_batch(&Batch::new(&batch[7..], String::new()))
+            .await
+            .unwrap();
         sink.close().await.unwrap();
         let (files, lines) = lines_in(&dir.path().join("out"));
         let mut one = Vec::new();
@@ -247,9 +251,13 @@ mod tests {
             },
         };
         let sink = FileSink::open(&cfg).unwrap();
-        sink.write_batch(&Batch::new(&[record(1)], String::new())).await.unwrap();
+        sink.write_batch(&Batch::new(&[record(1)], String::new()))
+            .await
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        sink.write_batch(&Batch::new(&[record(2)], String::new())).await.unwrap();
+        sink.write_batch(&Batch::new(&[record(2)], String::new()))
+            .await
+            .unwrap();
         let (files, lines) = lines_in(dir.path());
         assert_eq!((files, lines.len()), (2, 2));
         assert!(rotated_name(&cfg.path)

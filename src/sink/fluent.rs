@@ -627,9 +627,16 @@ mod tests {
                 record("ads", "x", 11, &[("n", "2")]),
                 record("web", "pv", 12, &[("n", "3")]),
             ];
-            assert_eq!(sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap(), vec![]);
             assert_eq!(
-                sink.write_batch(&Batch::new(&batch[1..2], String::new())).await.unwrap(),
+                sink.write_batch(&Batch::new(&batch, String::new()))
+                    .await
+                    .unwrap(),
+                vec![]
+            );
+            assert_eq!(
+                sink.write_batch(&Batch::new(&batch[1..2], String::new()))
+                    .await
+                    .unwrap(),
                 vec![],
                 "the second batch goes over the same connection"
             );
@@ -684,11 +691,19 @@ mod tests {
         let sink = FluentSink::open("f", &config(&address)).unwrap();
         let batch = vec![record("web", "pv", 10, &[("n", "1")])];
         bounded(async {
-            let e = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
+            let e = sink
+                .write_batch(&Batch::new(&batch, String::new()))
+                .await
+                .unwrap_err();
             assert!(e.0.contains("not-the-chunk"), "{e}");
-            let e = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
+            let e = sink
+                .write_batch(&Batch::new(&batch, String::new()))
+                .await
+                .unwrap_err();
             assert!(e.0.contains("closed"), "{e}");
-            sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap();
+            sink.write_batch(&Batch::new(&batch, String::new()))
+                .await
+                .unwrap();
             sink.close().await.unwrap();
             task.await.unwrap();
         })
@@ -773,10 +788,16 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let sink = FluentSink::open("f", &config(&address)).unwrap();
-        let e = bounded(sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new())))
-            .await
-            .unwrap_err();
+        let e =
+            bounded(sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new())))
+                .await
+                .unwrap_err();
         assert!(e.0.contains("cannot connect"), "{e}");
-        assert_eq!(bounded(sink.write_batch(&Batch::new(&[], String::new()))).await.unwrap(), vec![]);
+        assert_eq!(
+            bounded(sink.write_batch(&Batch::new(&[], String::new())))
+                .await
+                .unwrap(),
+            vec![]
+        );
     }
 }

@@ -1061,7 +1061,12 @@ mod tests {
             record("clicks", 1, Some("gid-1")),
             record("pageviews", 2, None),
         ];
-        assert_eq!(sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap(), Vec::new());
+        assert_eq!(
+            sink.write_batch(&Batch::new(&batch, String::new()))
+                .await
+                .unwrap(),
+            Vec::new()
+        );
         sink.close().await.unwrap();
 
         let msgs = read_topic(&bootstrap, "web.pageviews", 2);
@@ -1085,7 +1090,12 @@ mod tests {
         assert_eq!(clicks.len(), 1);
         assert_eq!(clicks[0].key(), Some(&b"gid-1"[..]));
         assert_eq!(header(&clicks[0], "table").as_deref(), Some("clicks"));
-        assert_eq!(sink.write_batch(&Batch::new(&[], String::new())).await.unwrap(), Vec::new());
+        assert_eq!(
+            sink.write_batch(&Batch::new(&[], String::new()))
+                .await
+                .unwrap(),
+            Vec::new()
+        );
     }
 
     #[tokio::test]
@@ -1100,7 +1110,10 @@ mod tests {
             big,
             record("pageviews", 2, Some("gid-2")),
         ];
-        let rejections = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap();
+        let rejections = sink
+            .write_batch(&Batch::new(&batch, String::new()))
+            .await
+            .unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 1);
         assert!(
@@ -1126,7 +1139,10 @@ mod tests {
             record(&"t".repeat(250), 0, None),
             record("pageviews", 1, None),
         ];
-        let rejections = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap();
+        let rejections = sink
+            .write_batch(&Batch::new(&batch, String::new()))
+            .await
+            .unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 0);
         assert!(rejections[0].reason.contains("249"), "{rejections:?}");
@@ -1147,7 +1163,12 @@ mod tests {
         let batch: Vec<_> = (0..3)
             .map(|n| record("pageviews", n, Some("same-gid")))
             .collect();
-        assert_eq!(sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap(), Vec::new());
+        assert_eq!(
+            sink.write_batch(&Batch::new(&batch, String::new()))
+                .await
+                .unwrap(),
+            Vec::new()
+        );
         let mut ns: Vec<_> = read_topic(&bootstrap, "web.pageviews", 3)
             .iter()
             .map(value_n)
@@ -1189,7 +1210,10 @@ mod tests {
         let sink = sink_for(&bootstrap, "timeout: 1500ms");
         mock.broker_down(-1).unwrap();
         let batch: Vec<_> = (0..3).map(|n| record("pageviews", n, None)).collect();
-        let err = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
+        let err = sink
+            .write_batch(&Batch::new(&batch, String::new()))
+            .await
+            .unwrap_err();
         assert!(err.0.contains("web.pageviews"), "{err}");
         mock.broker_up(-1).unwrap();
         // The caller retries: within a bounded number of tries the batch is delivered.
@@ -1222,7 +1246,10 @@ mod tests {
         .unwrap();
         let sink = sink_for(&bootstrap, "timeout: 2s");
         let batch = vec![record("pageviews", 0, None), record("missing", 1, None)];
-        let err = sink.write_batch(&Batch::new(&batch, String::new())).await.unwrap_err();
+        let err = sink
+            .write_batch(&Batch::new(&batch, String::new()))
+            .await
+            .unwrap_err();
         assert!(err.0.contains("web.missing"), "{err}");
         assert!(err.0.contains("does not exist"), "{err}");
     }

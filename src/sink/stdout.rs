@@ -6,7 +6,6 @@ use async_trait::async_trait;
 
 use super::{Batch, LogSink, Rejection, SinkError};
 
-
 /// Writes each batch to standard output in one locked write.
 #[derive(Debug, Default)]
 pub struct StdoutSink;

@@ -134,6 +134,13 @@ pub async fn send(req: reqwest::RequestBuilder) -> Resp {
     Resp::from(req.send().await.expect("request to the proxy failed")).await
 }
 
+/// Asserts that `text` contains every one of `needles`; `what` names the text.
+pub fn assert_contains_all(text: &str, needles: &[&str], what: &str) {
+    for needle in needles {
+        assert!(text.contains(needle), "{what} lacks {needle:?}:\n{text}");
+    }
+}
+
 /// GET `url` with the given headers.
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Resp {
     let mut req = client().get(url);

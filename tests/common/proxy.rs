@@ -332,6 +332,47 @@ pub fn server_yaml(dir: &Path) -> String {
     )
 }
 
+/// The `auth:` section with one write key, `key`, for the database `web`.
+pub fn web_key_yaml(key: &str) -> String {
+    format!("auth:\n  write_keys:\n    - key: \"{key}\"\n      databases: [\"web\"]\n")
+}
+
+/// A small configuration for a sink's end-to-end test: the server section, one listener on
+/// `port`, `127.0.0.1:{upstream}` as the only peer, `key` for the database `web`, `sink` as the
+/// YAML of `sinks.main` (its lines indented by 4) and a disk buffer in `{dir}/buffer`, retried
+/// from 50 ms up to `retry_max`.
+pub fn sink_test_yaml(
+    dir: &Path,
+    port: u16,
+    upstream: u16,
+    key: &str,
+    sink: &str,
+    retry_max: &str,
+) -> String {
+    format!(
+        r#"{server}
+listen:
+  - address: 127.0.0.1:{port}
+
+upstream:
+  peers: ["127.0.0.1:{upstream}"]
+
+{auth}
+sinks:
+  main:
+{sink}
+delivery:
+  buffer: disk
+  dir: {dir}/buffer
+  batch: {{ max_wait: 10ms }}
+  retry: {{ initial: 50ms, max: {retry_max} }}
+"#,
+        server = server_yaml(dir),
+        auth = web_key_yaml(key),
+        dir = dir.display(),
+    )
+}
+
 /// Runs `postback-proxy <flag> FILE --check` in `cwd`: the output, its stdout and its stderr.
 pub fn check(flag: &str, file: &Path, cwd: &Path) -> (Output, String, String) {
     let out = Command::new(binary())
@@ -527,6 +568,11 @@ impl Proxy {
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// GET `path` on the proxy listener, without extra headers.
+    pub async fn get(&self, path: &str) -> super::Resp {
+        super::get(&self.url(path), &[]).await
     }
 
     /// `https://127.0.0.1:TLS_PORT{path}`: the TLS listener.

@@ -23,9 +23,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves `handler` on `listener` (HTTP/1.1, upgrades allowed) on a thread named
-    /// `{name}-{port}`.
-    pub fn start<H, F, B>(name: &str, listener: std::net::TcpListener, handler: H) -> Server
+    /// Serves `handler` on `127.0.0.1:port` (0: a free port; HTTP/1.1, upgrades allowed) on a
+    /// thread named `{name}-{port}`.
+    pub fn bind<H, F, B>(name: &str, port: u16, handler: H) -> Server
     where
         H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -33,6 +33,8 @@ impl Server {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("bind {name} on port {port}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(handler);
@@ -72,20 +74,6 @@ impl Server {
             stop: Some(stop),
             thread: Some(thread),
         }
-    }
-
-    /// Like [`Server::start`] on `127.0.0.1:port` (0: a free port).
-    pub fn bind<H, F, B>(name: &str, port: u16, handler: H) -> Server
-    where
-        H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-        F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("bind {name} on port {port}: {e}"));
-        Server::start(name, listener, handler)
     }
 }
 
