@@ -392,11 +392,10 @@ async fn ten_thousand_parameters_are_refused_by_the_url_or_the_column_limit() {
 
 #[tokio::test]
 async fn a_megabyte_of_ampersands_is_a_record_without_columns_or_413() {
-    let origin = Origin::start();
-    let mut s = Settings::new(origin.peer());
-    // The default body limit: 1,048,064 bytes (512 bytes short of 1 MiB).
-    s.max_body_bytes = "1048064".into();
-    let proxy = Proxy::start_with(s);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        // The default body limit: 1,048,064 bytes (512 bytes short of 1 MiB).
+        s.max_body_bytes = "1048064".into();
+    });
     let post = |n: usize| {
         client()
             .post(proxy.url(&format!("{EV}/web/amp?{}", key_q())))
@@ -478,17 +477,21 @@ async fn deeply_nested_json_is_400() {
 // ---------------------------------------------------------------------------------------------
 // Bad bytes.
 
+/// Queries whose parameter names are not UTF-8 once decoded: a lone continuation byte, a bad
+/// second byte, a stray byte inside a name, a surrogate, a five-byte form.
+const NOT_UTF8_NAMES: [&str; 5] = [
+    "%FF=1",
+    "%C3%28=x",
+    "a%80b=1",
+    "%ED%A0%80=surrogate",
+    "ok=1&%F8%88%80%80%80=1",
+];
+
 #[tokio::test]
 async fn invalid_utf8_in_names_is_400() {
     let origin = Origin::start();
     let proxy = Proxy::start(origin.peer());
-    for q in [
-        "%FF=1",
-        "%C3%28=x",
-        "a%80b=1",
-        "%ED%A0%80=surrogate",
-        "ok=1&%F8%88%80%80%80=1",
-    ] {
+    for q in NOT_UTF8_NAMES {
         let r = get(&proxy.url(&format!("{EV}/web/utf8?{}&{q}", key_q())), &[]).await;
         assert_error(&r, 400, "bad_request");
         assert!(!r.text().contains(KEY), "the key was echoed: {}", r.text());

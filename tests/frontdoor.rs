@@ -125,10 +125,9 @@ fn trust_only(ca: &Path, empty_dir: &Path) -> Vec<(String, String)> {
 async fn tls_listener_answers_pixels_over_http2_and_http1_with_a_secure_cookie() {
     let certs = tempfile::tempdir().unwrap();
     let pki = TestPki::create(certs.path());
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.tls_listener = Some(pki.server.clone());
-    let proxy = Proxy::start_with(settings);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        s.tls_listener = Some(pki.server.clone());
+    });
 
     let mut ids = Vec::new();
     for (via, http1, version) in [
@@ -203,10 +202,9 @@ async fn tls_listener_answers_pixels_over_http2_and_http1_with_a_secure_cookie()
 async fn tls_listener_passes_requests_through_with_forwarded_proto_https() {
     let certs = tempfile::tempdir().unwrap();
     let pki = TestPki::create(certs.path());
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.tls_listener = Some(pki.server.clone());
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.tls_listener = Some(pki.server.clone());
+    });
     let host = format!("127.0.0.1:{}", proxy.tls_port);
     let body: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
 
@@ -308,25 +306,13 @@ fn read_until(stream: &mut impl Read, buf: &mut Vec<u8>, needle: &[u8]) {
 fn websocket_upgrade_passes_over_the_tls_listener() {
     let certs = tempfile::tempdir().unwrap();
     let pki = TestPki::create(certs.path());
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.tls_listener = Some(pki.server.clone());
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.tls_listener = Some(pki.server.clone());
+    });
 
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.tls_port));
     let mut tls = tls_connect(addr, &pki.ca);
-    tls.write_all(&request(
-        "GET",
-        "/ws",
-        &[
-            "Connection: Upgrade",
-            "Upgrade: websocket",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version: 13",
-        ],
-        b"",
-    ))
-    .unwrap();
+    tls.write_all(&websocket_upgrade("/ws")).unwrap();
     tls.flush().unwrap();
     let mut buf = Vec::new();
     read_until(&mut tls, &mut buf, b"\r\n\r\n");
@@ -502,8 +488,7 @@ async fn who_answers(proxy: &Proxy, peers: &[&Origin], i: usize) -> Option<usize
 async fn an_http_health_check_takes_a_failing_peer_out_and_puts_it_back() {
     let a = Origin::start();
     let b = Origin::start();
-    let mut settings = Settings::new(a.peer());
-    settings.upstream.push(b.peer());
+    let mut settings = Settings::for_origins(&[&a, &b]);
     // A third peer that is down: the HTTP check takes it out too.
     settings
         .upstream
@@ -584,10 +569,9 @@ async fn an_http_health_check_takes_a_failing_peer_out_and_puts_it_back() {
 
 #[tokio::test]
 async fn a_slow_origin_is_504_with_a_short_text_body() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.read_timeout = "300ms".into();
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.read_timeout = "300ms".into();
+    });
 
     let r = proxy.get("/slow?ms=3000").await;
     r.assert_short_text(504);

@@ -92,10 +92,9 @@ async fn forwarded_headers_are_added_and_extended_from_a_trusted_peer() {
 
 #[tokio::test]
 async fn forwarded_headers_from_an_untrusted_peer_are_replaced() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.trusted_proxies = vec!["10.0.0.0/8".into()];
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.trusted_proxies = vec!["10.0.0.0/8".into()];
+    });
     let r = get(
         &proxy.url("/fwd/untrusted?q=1"),
         &[
@@ -217,17 +216,7 @@ async fn websocket_upgrade_passes() {
     let origin = Origin::start();
     let proxy = Proxy::start(origin.peer());
     let mut conn = RawConn::connect(proxy.addr());
-    conn.send(&request(
-        "GET",
-        "/ws",
-        &[
-            "Connection: Upgrade",
-            "Upgrade: websocket",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version: 13",
-        ],
-        b"",
-    ));
+    conn.send(&websocket_upgrade("/ws"));
     let (status, headers) = conn.read_head();
     assert_eq!(status, 101, "headers: {headers:?}");
     assert!(
@@ -300,9 +289,7 @@ async fn sigterm_lets_a_proxied_request_in_flight_finish() {
 async fn several_peers_share_the_requests_round_robin() {
     let a = Origin::start();
     let b = Origin::start();
-    let mut settings = Settings::new(a.peer());
-    settings.upstream.push(b.peer());
-    let proxy = Proxy::start_with(settings);
+    let proxy = Proxy::start_with(Settings::for_origins(&[&a, &b]));
     for i in 0..10 {
         let r = get(&proxy.url(&format!("/rr?i={i}")), &[]).await;
         assert_eq!(r.status, 200);

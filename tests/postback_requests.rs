@@ -1091,10 +1091,9 @@ async fn td_ip_is_the_rightmost_untrusted_forwarded_address_from_a_trusted_peer(
 
 #[tokio::test]
 async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.trusted_proxies = vec!["10.0.0.0/8".into()];
-    let proxy = Proxy::start_with(settings);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        s.trusted_proxies = vec!["10.0.0.0/8".into()];
+    });
     let r = get(
         &proxy.url(&format!("{EV}/web/ips?{}&td_ip=td_ip", key_q())),
         &[("x-forwarded-for", "203.0.113.7")],
@@ -1108,10 +1107,9 @@ async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test]
 async fn anonymize_zeroes_the_last_octet() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.anonymize = true;
-    let proxy = Proxy::start_with(settings);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        s.anonymize = true;
+    });
     for (i, xff) in ["203.0.113.77", ""].iter().enumerate() {
         let mut req =
             client().get(proxy.url(&format!("{EV}/web/anon?{}&i={i}&td_ip=td_ip", key_q())));
@@ -1580,12 +1578,11 @@ async fn early_answers_keep_the_connection_alive() {
 // ---------------------------------------------------------------------------------------------
 
 async fn accepted_then_signal(signal: i32) {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    // Records wait in the queue for a batch: only the shutdown drain can write them.
-    settings.batch_max_wait = "60s".into();
-    settings.batch_max_records = 1000;
-    let mut proxy = Proxy::start_with(settings);
+    let (_origin, mut proxy) = origin_and_proxy(|s| {
+        // Records wait in the queue for a batch: only the shutdown drain can write them.
+        s.batch_max_wait = "60s".into();
+        s.batch_max_records = 1000;
+    });
     let n = 40;
     let mut tasks = Vec::new();
     for i in 0..n {

@@ -478,12 +478,11 @@ sinks:
     let (out, stdout, stderr) = check("-c", &config, dir.path());
     let text = format!("{stdout}{stderr}");
     assert!(!out.status.success(), "{text}");
-    for line in [
+    let lines = [
         "sinks.main.brokers: must not be empty",
         "sinks.main.acks: must be all, -1, 0 or 1",
         "sinks.main.compression: must be none, gzip, snappy, lz4 or zstd",
         "sinks.main.topic: ",
-    ] {
-        assert!(text.contains(line), "{line:?} missing in:\n{text}");
-    }
+    ];
+    common::assert_contains_all(&text, &lines, "the --check output");
 }

@@ -193,6 +193,15 @@ impl Settings {
         }
     }
 
+    /// The harness configuration in front of every one of `origins`, in order.
+    pub fn for_origins(origins: &[&super::Origin]) -> Settings {
+        let mut settings = Settings::new(origins[0].peer());
+        settings
+            .upstream
+            .extend(origins[1..].iter().map(|o| o.peer()));
+        settings
+    }
+
     /// The YAML text of the configuration (without the TLS listener).
     pub fn yaml(&self, dir: &Path, port: u16, admin_port: u16) -> String {
         self.yaml_with_tls(dir, port, admin_port, None)

@@ -221,3 +221,19 @@ pub fn request(method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec
     bytes.extend_from_slice(body);
     bytes
 }
+
+/// A WebSocket upgrade request (`GET target` with `Connection: Upgrade`, `Upgrade: websocket`
+/// and the RFC 6455 sample key).
+pub fn websocket_upgrade(target: &str) -> Vec<u8> {
+    request(
+        "GET",
+        target,
+        &[
+            "Connection: Upgrade",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ],
+        b"",
+    )
+}
