@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::collector::{Collector, Received};
-use common::proxy::free_port;
+use common::proxy::{free_port, tear_newest_segment};
 use common::{client, Origin, Proxy, Settings, KEY};
 use serde_json::Value;
 
@@ -334,22 +334,7 @@ async fn a_torn_tail_is_skipped_with_a_warning_and_the_rest_delivered() {
 
     // A crash in the middle of a write: a frame cut short at the end of the newest segment.
     let dir = proxy.take_dir();
-    let spool = dir.path().join("buffer/main");
-    let newest = std::fs::read_dir(&spool)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
-        .max()
-        .expect("a segment with records");
-    let mut torn = 500u32.to_le_bytes().to_vec();
-    torn.extend_from_slice(&[0xAB; 40]);
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&newest)
-        .unwrap();
-    std::io::Write::write_all(&mut file, &torn).unwrap();
-    drop(file);
+    tear_newest_segment(&dir.path().join("buffer/main"));
 
     let _collector = Collector::start(port, received.clone(), None);
     let proxy = Proxy::start_in(Some(dir), settings);

@@ -382,6 +382,22 @@ delivery:
     )
 }
 
+/// Appends a torn frame (a length of 500, then 40 bytes) to the newest segment holding records
+/// in `spool`, a sink's folder of the disk buffer: what a crash in mid-write leaves.
+pub fn tear_newest_segment(spool: &Path) {
+    let newest = fs::read_dir(spool)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| fs::metadata(p).unwrap().len() > 0)
+        .max()
+        .expect("a segment with records");
+    let mut torn = 500u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0xAB; 40]);
+    let mut file = fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    std::io::Write::write_all(&mut file, &torn).unwrap();
+}
+
 /// Runs `postback-proxy <flag> FILE --check` in `cwd`: the output, its stdout and its stderr.
 pub fn check(flag: &str, file: &Path, cwd: &Path) -> (Output, String, String) {
     let out = Command::new(binary())
