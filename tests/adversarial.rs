@@ -489,8 +489,7 @@ const NOT_UTF8_NAMES: [&str; 5] = [
 
 #[tokio::test]
 async fn invalid_utf8_in_names_is_400() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for q in NOT_UTF8_NAMES {
         let r = get(&proxy.url(&format!("{EV}/web/utf8?{}&{q}", key_q())), &[]).await;
         assert_error(&r, 400, "bad_request");
@@ -532,8 +531,7 @@ async fn invalid_utf8_in_names_is_400() {
 
 #[tokio::test]
 async fn nul_bytes_in_values_are_kept_and_escaped() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let r = get(
         &proxy.url(&format!("{EV}/web/nul?{}&a=%00&b=x%00y&%00n=z", key_q())),
         &[],
@@ -567,8 +565,7 @@ async fn nul_bytes_in_values_are_kept_and_escaped() {
 
 #[tokio::test]
 async fn an_overlong_cookie_gets_a_fresh_global_id() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let url = proxy.url(&format!(
         "{EV}/web/cookie?{}&td_global_id=td_global_id",
         key_q()
@@ -621,8 +618,7 @@ fn flood(count: usize, value_len: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn header_floods_are_refused_or_closed() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let pixel = format!("{EV}/web/flood?td_format=pixel&{}", key_q());
 
     // More header fields than Pingora parses (256): refused before any of our code runs.
@@ -700,8 +696,7 @@ async fn header_floods_are_refused_or_closed() {
 /// clients are served meanwhile.
 #[tokio::test]
 async fn slow_clients_do_not_starve_others() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let addr = proxy.addr();
     const SLOW: usize = 24;
     let slow: Vec<std::thread::JoinHandle<Exchange>> = (0..SLOW)
@@ -924,8 +919,7 @@ async fn smuggle_all(proxy: &Proxy, postback: bool, front: impl Fn(usize) -> Str
 
 #[tokio::test]
 async fn request_smuggling_on_a_postback_route() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let n = smuggle_all(&proxy, true, |i| {
         format!("{EV}/web/front_{i}?{}&td_format=pixel&front={i}", key_q())
     })
@@ -953,8 +947,7 @@ async fn request_smuggling_on_a_postback_route() {
 
 #[tokio::test]
 async fn request_smuggling_on_the_passthrough_path() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let n = smuggle_all(&proxy, false, |i| format!("/app/front/{i}")).await;
     let seen = origin.requests();
     assert!(
@@ -986,8 +979,7 @@ async fn request_smuggling_on_the_passthrough_path() {
 /// unread body be parsed as a request.
 #[tokio::test]
 async fn an_unread_body_is_never_parsed_as_a_request() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let s = smuggled(true);
     // Refused before the body is read (no key; bad name; method not allowed; 413 declared).
     let fronts = [
@@ -1048,8 +1040,7 @@ async fn an_unread_body_is_never_parsed_as_a_request() {
 /// shares connections between visitors, the bytes that follow belong to somebody else.
 #[tokio::test]
 async fn a_malformed_chunked_body_closes_the_connection() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let next = format!(
         "GET {EV}/web/after_bad_chunk?{}&td_format=pixel HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         key_q()
@@ -1119,8 +1110,7 @@ async fn a_malformed_chunked_body_closes_the_connection() {
 /// Bounded at 100 s; nothing is measured but whether the proxy closed the connection by then.
 #[tokio::test]
 async fn idle_and_half_sent_keep_alive_connections_are_closed() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let addr = proxy.addr();
     let first = format!(
         "GET {EV}/web/idle?{}&td_format=pixel HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",

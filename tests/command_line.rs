@@ -265,8 +265,7 @@ async fn without_write_keys_every_postback_is_refused() {
 
 #[tokio::test]
 async fn admin_listener_answers_health_readiness_and_metrics() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let r = get(&proxy.admin_url("/healthz"), &[]).await;
     assert_eq!(r.status, 200);
     let r = get(&proxy.admin_url("/readyz"), &[]).await;

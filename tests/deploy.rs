@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::proxy::{check, tear_newest_segment};
-use common::{closed_port, eventually, origin_and_proxy, Origin, Proxy, Settings, KEY};
+use common::{closed_port, eventually, harness, Origin, Proxy, Settings, KEY};
 use serde_json::Value;
 
 /// Metrics the kit queries that this build does not export yet. The test reports them and fails
@@ -123,7 +123,7 @@ async fn metrics(proxy: &Proxy) -> String {
 /// A proxy with the memory buffer and the file sink after accepted, refused, flagged and
 /// proxied requests, with its records delivered: its `/metrics`.
 async fn metrics_of_a_working_proxy() -> String {
-    let (_origin, proxy) = origin_and_proxy(|_| {});
+    let (_origin, proxy) = harness();
     let pixel = format!("/postback/v3/event/web/pageviews?td_write_key={KEY}&page=/");
     assert_eq!(proxy.get(&pixel).await.status, 200);
     let bot = common::get(&proxy.url(&pixel), &[("user-agent", "Googlebot/2.1")]).await;

@@ -151,8 +151,7 @@ fn key_q() -> String {
 
 #[tokio::test]
 async fn get_pixel_records_query_columns_placeholders_and_sets_the_cookie() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = get(
         &proxy.url(&format!(
@@ -195,8 +194,7 @@ async fn get_pixel_records_query_columns_placeholders_and_sets_the_cookie() {
 
 #[tokio::test]
 async fn get_defaults_to_json_and_uses_the_existing_cookie() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = get(
         &proxy.url(&format!(
@@ -239,8 +237,7 @@ async fn get_defaults_to_json_and_uses_the_existing_cookie() {
 
 #[tokio::test]
 async fn head_answers_headers_without_a_body_and_records() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let r =
         send(client().head(proxy.url(&format!("{EV}/web/heads?{}&td_format=pixel&h=1", key_q()))))
             .await;
@@ -278,8 +275,7 @@ async fn head_answers_headers_without_a_body_and_records() {
 
 #[tokio::test]
 async fn fixed_database_route_with_pixel_default() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let before = now();
     let r = get(&proxy.url(&format!("/px/clicks.gif?{}&c=1", key_q())), &[]).await;
     assert_pixel(&r);
@@ -311,8 +307,7 @@ async fn fixed_database_route_with_pixel_default() {
 
 #[tokio::test]
 async fn post_json_object_keeps_nested_values_as_json_text() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let body = r#"{"page":"/a","n":3,"f":1.5,"ok":true,"nested":{"x":[1,"y"]},"list":[1,2],"s":"he said \"hi\"\n","we\"ird\u0001":"\u0000<\/script>","td_write_key":"body-key-never-a-column"}"#;
     let r = send(
@@ -360,8 +355,7 @@ async fn post_json_object_keeps_nested_values_as_json_text() {
 
 #[tokio::test]
 async fn post_body_that_is_not_a_json_object_is_400_and_records_nothing() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for body in ["[1]", "\"s\"", "{", "12", "null", ""] {
         let r = send(
             client()
@@ -403,8 +397,7 @@ async fn post_body_that_is_not_a_json_object_is_400_and_records_nothing() {
 
 #[tokio::test]
 async fn post_json_takes_the_key_from_the_query_when_no_header_gives_one() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let url = proxy.url(&format!("{EV}/web/json_q?{}", key_q()));
     let post = |body: &'static str| {
         client()
@@ -423,8 +416,7 @@ async fn post_json_takes_the_key_from_the_query_when_no_header_gives_one() {
 
 #[tokio::test]
 async fn post_form_is_read_as_a_query_string() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = send(
         client()
@@ -455,8 +447,7 @@ async fn post_form_is_read_as_a_query_string() {
 
 #[tokio::test]
 async fn post_td_js_sdk_batch_gives_one_record_per_event() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let earlier = before - 3600;
     let body = format!(
@@ -516,8 +507,7 @@ async fn post_td_js_sdk_batch_gives_one_record_per_event() {
 
 #[tokio::test]
 async fn options_preflight_for_allowed_and_refused_origins() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let url = proxy.url(&format!("{EV}/web/cors"));
     let r = send(
         client()
@@ -591,8 +581,7 @@ async fn options_preflight_for_allowed_and_refused_origins() {
 
 #[tokio::test]
 async fn other_methods_are_405_with_allow() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let url = proxy.url(&format!("{EV}/web/methods?{}&m=1", key_q()));
     for method in ["PUT", "DELETE", "PATCH"] {
         let r = send(
@@ -629,8 +618,7 @@ async fn other_methods_are_405_with_allow() {
 
 #[tokio::test]
 async fn bad_database_or_table_names_are_400() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let long = "t".repeat(256);
     for path in [
         format!("{EV}/web-site/t"),
@@ -658,8 +646,7 @@ async fn bad_database_or_table_names_are_400() {
 
 #[tokio::test]
 async fn paths_with_other_segment_counts_go_upstream() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     for path in [
         format!("{EV}/a?{}&x=1", key_q()),
         format!("{EV}/web/t/extra?{}", key_q()),
@@ -678,8 +665,7 @@ async fn paths_with_other_segment_counts_go_upstream() {
 
 #[tokio::test]
 async fn bad_td_format_and_bad_encoding_are_400() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for query in [
         format!("{}&td_format=png", key_q()),
         format!("{}&td_format=PIXEL", key_q()),
@@ -736,8 +722,7 @@ fn enc(s: &str) -> String {
 
 #[tokio::test]
 async fn redirect_to_an_allowed_host_substitutes_the_global_id() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let target = "https://example.com/land?uid=td_global_id&x=1";
     let r = get(
@@ -786,8 +771,7 @@ async fn redirect_to_an_allowed_host_substitutes_the_global_id() {
 
 #[tokio::test]
 async fn redirect_to_other_targets_is_400_and_records_nothing() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for target in [
         "https://evil.com/",
         "https://example.com.evil.com/",
@@ -827,8 +811,7 @@ async fn redirect_to_other_targets_is_400_and_records_nothing() {
 
 #[tokio::test]
 async fn missing_unknown_or_unauthorized_keys_are_403_and_never_echoed() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let wrong = "1/0123456789abcdef0123456789WRONGKEY";
     // (path, headers, a secret the answer must not echo)
     type Case<'a> = (String, Vec<(&'a str, String)>, Option<&'a str>);
@@ -905,8 +888,7 @@ async fn missing_unknown_or_unauthorized_keys_are_403_and_never_echoed() {
 
 #[tokio::test]
 async fn keys_in_headers_globbed_databases_and_hashed_keys_are_accepted() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let wrong = "not-a-key";
     let cases: Vec<(String, Vec<(&str, String)>)> = vec![
         (
@@ -983,8 +965,7 @@ async fn keys_in_headers_globbed_databases_and_hashed_keys_are_accepted() {
 
 #[tokio::test]
 async fn td_record_time_inside_and_outside_the_window() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let base = now();
     let day = 86_400;
     let cases: Vec<(String, Option<i64>)> = vec![
@@ -1029,8 +1010,7 @@ async fn td_record_time_inside_and_outside_the_window() {
 
 #[tokio::test]
 async fn time_param_repeats_empty_names_and_plain_placeholder_values() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = get(
         &proxy.url(&format!(
@@ -1067,8 +1047,7 @@ async fn time_param_repeats_empty_names_and_plain_placeholder_values() {
 
 #[tokio::test]
 async fn td_ip_is_the_rightmost_untrusted_forwarded_address_from_a_trusted_peer() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![], "127.0.0.1"),
         (vec!["198.51.100.1, 203.0.113.7"], "203.0.113.7"),
@@ -1191,8 +1170,7 @@ async fn global_id_cookie_and_time_window_settings() {
 
 #[tokio::test]
 async fn url_over_max_url_bytes_is_414() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // max_url_bytes: 4KiB
+    let (origin, proxy) = harness(); // max_url_bytes: 4KiB
     let prefix = format!("{EV}/web/long?{}&n=1&pad=", key_q());
     let exact = format!("{prefix}{}", "x".repeat(4096 - prefix.len()));
     assert_eq!(exact.len(), 4096);
@@ -1209,8 +1187,7 @@ async fn url_over_max_url_bytes_is_414() {
 
 #[tokio::test]
 async fn body_over_max_body_bytes_is_413() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // max_body_bytes: 64KiB
+    let (_origin, proxy) = harness(); // max_body_bytes: 64KiB
     let limit = 64 * 1024;
     // Exactly at the limit: accepted.
     let head = r#"{"n":"1","pad":""#;
@@ -1279,8 +1256,7 @@ async fn body_over_max_body_bytes_is_413() {
 
 #[tokio::test]
 async fn more_than_max_columns_is_413() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // max_columns: 20
+    let (_origin, proxy) = harness(); // max_columns: 20
     let cols = |n: usize| -> String { (0..n).map(|i| format!("&c{i:02}=v")).collect() };
     let r = get(
         &proxy.url(&format!("{EV}/web/cols?{}{}", key_q(), cols(20))),
@@ -1415,8 +1391,7 @@ async fn full_queue_with_when_full_drop_answers_as_usual_and_counts_drops() {
 
 #[tokio::test]
 async fn early_answers_keep_the_connection_alive() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let k = key_q();
     let key_header = format!("X-TD-Write-Key: {KEY}");
     let many_cols: String = (0..21).map(|i| format!("&c{i}=v")).collect();

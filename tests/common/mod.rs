@@ -49,6 +49,11 @@ pub fn client_builder() -> reqwest::ClientBuilder {
         .pool_max_idle_per_host(0)
 }
 
+/// An origin and the harness proxy in front of it, with the harness configuration.
+pub fn harness() -> (Origin, Proxy) {
+    origin_and_proxy(|_| {})
+}
+
 /// An origin and the harness proxy in front of it, its [`Settings`] changed by `configure`
 /// first.
 pub fn origin_and_proxy(configure: impl FnOnce(&mut Settings)) -> (Origin, Proxy) {
