@@ -114,12 +114,6 @@ fn exported(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-async fn metrics(proxy: &Proxy) -> String {
-    let r = common::get(&proxy.admin_url("/metrics"), &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.text()
-}
-
 /// A proxy with the memory buffer and the file sink after accepted, refused, flagged and
 /// proxied requests, with its records delivered: its `/metrics`.
 async fn metrics_of_a_working_proxy() -> String {
@@ -133,13 +127,13 @@ async fn metrics_of_a_working_proxy() -> String {
     assert_eq!(proxy.get("/passthrough").await.status, 200);
     proxy.records(2);
     // Delivered: the counters of a written batch are there once the sink has the records.
-    let mut text = metrics(&proxy).await;
+    let mut text = proxy.metrics().await;
     for _ in 0..100 {
         if text.contains("result=\"delivered\"") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        text = metrics(&proxy).await;
+        text = proxy.metrics().await;
     }
     text
 }
@@ -188,7 +182,7 @@ async fn metrics_of_a_proxy_whose_sink_is_down() -> String {
         "no failed write or skipped bytes in /metrics; stderr:\n{}",
         proxy.stderr()
     );
-    metrics(&proxy).await
+    proxy.metrics().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,6 +123,15 @@ fn record(database: &str, table: &str, time: i64, columns: &[(&str, &str)]) -> V
     json!({"database": database, "table": table, "record": rec})
 }
 
+/// `records` are two records of `web.clicks`, `c=1` then `c=2`, received since `before`.
+fn assert_two_clicks(records: &[Value], before: i64) {
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let t0 = time_of(&records[0], before, now());
+    let t1 = time_of(&records[1], before, now());
+    assert_eq!(records[0], record("web", "clicks", t0, &[("c", "1")]));
+    assert_eq!(records[1], record("web", "clicks", t1, &[("c", "2")]));
+}
+
 /// Every column of every record is a string (SPEC 4), and `time` is an integer.
 fn assert_shape(records: &[Value]) {
     for r in records {
@@ -293,12 +302,7 @@ async fn fixed_database_route_with_pixel_default() {
     assert_eq!(r.header("x-origin").as_deref(), Some("yes"));
     origin.request_to(&format!("/px/clicks.png?{}", key_q()));
 
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 2, "{records:#?}");
-    let t0 = time_of(&records[0], before, now());
-    let t1 = time_of(&records[1], before, now());
-    assert_eq!(records[0], record("web", "clicks", t0, &[("c", "1")]));
-    assert_eq!(records[1], record("web", "clicks", t1, &[("c", "2")]));
+    assert_two_clicks(&proxy.records_until_marker().await, before);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,11 +392,9 @@ async fn post_body_that_is_not_a_json_object_is_400_and_records_nothing() {
     )
     .await;
     assert_error(&r, 415, "unsupported_media_type");
-    let records = proxy.records_until_marker().await;
-    assert!(
-        records.is_empty(),
-        "refused requests left records: {records:#?}"
-    );
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 #[tokio::test]
@@ -608,8 +610,9 @@ async fn other_methods_are_405_with_allow() {
         );
     }
     assert!(origin.requests().is_empty(), "405s went upstream");
-    let records = proxy.records_until_marker().await;
-    assert!(records.is_empty(), "{records:#?}");
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,8 +662,9 @@ async fn paths_with_other_segment_counts_go_upstream() {
         assert_eq!(r.json()["uri"], path.as_str());
         origin.request_to(&path);
     }
-    let records = proxy.records_until_marker().await;
-    assert!(records.is_empty(), "{records:#?}");
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 #[tokio::test]
@@ -700,8 +704,9 @@ async fn bad_td_format_and_bad_encoding_are_400() {
     )
     .await;
     assert_error(&r, 400, "bad_request");
-    let records = proxy.records_until_marker().await;
-    assert!(records.is_empty(), "{records:#?}");
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -761,12 +766,7 @@ async fn redirect_to_an_allowed_host_substitutes_the_global_id() {
         Some(format!("https://shop.example.com/p?gid={id}"))
     );
 
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 2, "{records:#?}");
-    let t0 = time_of(&records[0], before, now());
-    let t1 = time_of(&records[1], before, now());
-    assert_eq!(records[0], record("web", "clicks", t0, &[("c", "1")]));
-    assert_eq!(records[1], record("web", "clicks", t1, &[("c", "2")]));
+    assert_two_clicks(&proxy.records_until_marker().await, before);
 }
 
 #[tokio::test]
@@ -798,11 +798,9 @@ async fn redirect_to_other_targets_is_400_and_records_nothing() {
         assert_error(&r, 400, "bad_request");
         assert!(r.header("location").is_none(), "{target}: Location given");
     }
-    let records = proxy.records_until_marker().await;
-    assert!(
-        records.is_empty(),
-        "refused redirects left records: {records:#?}"
-    );
+    proxy
+        .assert_no_records_before_marker("refused redirects")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -879,11 +877,9 @@ async fn missing_unknown_or_unauthorized_keys_are_403_and_never_echoed() {
             }
         }
     }
-    let records = proxy.records_until_marker().await;
-    assert!(
-        records.is_empty(),
-        "refused requests left records: {records:#?}"
-    );
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 #[tokio::test]

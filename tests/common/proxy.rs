@@ -771,6 +771,20 @@ impl Proxy {
         }
     }
 
+    /// Sends the marker postback ([`Proxy::records_until_marker`]) and asserts that no record
+    /// came before it: `what` (the requests sent so far) left none.
+    pub async fn assert_no_records_before_marker(&self, what: &str) {
+        let records = self.records_until_marker().await;
+        assert!(records.is_empty(), "{what} left records: {records:#?}");
+    }
+
+    /// The admin listener's `/metrics` text (asserting it answers 200).
+    pub async fn metrics(&self) -> String {
+        let r = super::get(&self.admin_url("/metrics"), &[]).await;
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
+        r.text()
+    }
+
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         self.proc.kill();
