@@ -123,6 +123,27 @@ fn record(database: &str, table: &str, time: i64, columns: &[(&str, &str)]) -> V
     json!({"database": database, "table": table, "record": rec})
 }
 
+/// The answer lets the configured origin `https://www.example.com` read it, with credentials.
+fn assert_cors_allowed(r: &Resp) {
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("https://www.example.com")
+    );
+    assert_eq!(
+        r.header("access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+}
+
+/// The only record before the marker is one of `web.{table}` with `columns`, received since
+/// `before`.
+async fn assert_one_record(proxy: &Proxy, before: i64, table: &str, columns: &[(&str, &str)]) {
+    let records = proxy.records_until_marker().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let t = time_of(&records[0], before, now());
+    assert_eq!(records[0], record("web", table, t, columns));
+}
+
 /// `records` are two records of `web.clicks`, `c=1` then `c=2`, received since `before`.
 fn assert_two_clicks(records: &[Value], before: i64) {
     assert_eq!(records.len(), 2, "{records:#?}");
@@ -433,18 +454,13 @@ async fn post_form_is_read_as_a_query_string() {
     )
     .await;
     assert_pixel(&r);
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 1, "{records:#?}");
-    let t = time_of(&records[0], before, now());
-    assert_eq!(
-        records[0],
-        record(
-            "web",
-            "forms",
-            t,
-            &[("page", "/b c"), ("td_ip", "127.0.0.1"), ("n", "€")]
-        )
-    );
+    assert_one_record(
+        &proxy,
+        before,
+        "forms",
+        &[("page", "/b c"), ("td_ip", "127.0.0.1"), ("n", "€")],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -525,14 +541,7 @@ async fn options_preflight_for_allowed_and_refused_origins() {
     assert_eq!(r.status, 204, "body: {:?}", r.text());
     assert!(r.body.is_empty());
     assert_no_cache(&r);
-    assert_eq!(
-        r.header("access-control-allow-origin").as_deref(),
-        Some("https://www.example.com")
-    );
-    assert_eq!(
-        r.header("access-control-allow-credentials").as_deref(),
-        Some("true")
-    );
+    assert_cors_allowed(&r);
     let methods = r.header("access-control-allow-methods").unwrap_or_default();
     assert!(methods.contains("POST"), "Allow-Methods: {methods:?}");
     let allowed = r
@@ -564,14 +573,7 @@ async fn options_preflight_for_allowed_and_refused_origins() {
     };
     let r = send(post("https://www.example.com")).await;
     assert_json_ok(&r);
-    assert_eq!(
-        r.header("access-control-allow-origin").as_deref(),
-        Some("https://www.example.com")
-    );
-    assert_eq!(
-        r.header("access-control-allow-credentials").as_deref(),
-        Some("true")
-    );
+    assert_cors_allowed(&r);
     let r = send(post("https://evil.example.net")).await;
     assert_json_ok(&r);
     assert!(r.header("access-control-allow-origin").is_none());
@@ -1021,24 +1023,19 @@ async fn time_param_repeats_empty_names_and_plain_placeholder_values() {
     )
     .await;
     assert_json_ok(&r);
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 1, "{records:#?}");
-    let t = time_of(&records[0], before, now());
-    assert_eq!(
-        records[0],
-        record(
-            "web",
-            "params",
-            t,
-            &[
-                ("a", "2"),
-                ("b", "x=y"),
-                ("td_ip", "1.2.3.4"),
-                ("td_ua", "custom-ua"),
-                ("td_global_id", "gid-literal"),
-            ]
-        )
-    );
+    assert_one_record(
+        &proxy,
+        before,
+        "params",
+        &[
+            ("a", "2"),
+            ("b", "x=y"),
+            ("td_ip", "1.2.3.4"),
+            ("td_ua", "custom-ua"),
+            ("td_global_id", "gid-literal"),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
