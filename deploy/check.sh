@@ -3,7 +3,8 @@
 #   - systemd-analyze verify on deploy/postback-proxy.service, installed in a scratch root laid
 #     out as the unit's comment says (the binary at /usr/local/bin/postback-proxy), so that every
 #     ExecStart/ExecReload command is checked to exist and be executable where the unit says;
-#   - promtool check rules on deploy/alerts.yml;
+#   - promtool check rules on deploy/alerts.yml, and promtool test rules on its unit tests
+#     (deploy/alerts.test.yml: each alert fires on the series it is meant for);
 #   - promtool check rules on the Grafana dashboard's queries (each wrapped in a recording rule,
 #     with Grafana's variables given values), so a query that does not parse fails here.
 # That every metric those files name is exported is tests/deploy.rs's job.
@@ -58,6 +59,8 @@ fi
 
 echo "promtool check rules deploy/alerts.yml"
 promtool check rules deploy/alerts.yml
+echo "promtool test rules deploy/alerts.test.yml"
+promtool test rules deploy/alerts.test.yml
 
 echo "promtool check rules (the queries of deploy/grafana-dashboard.json)"
 python3 - "$root/dashboard-rules.yml" <<'EOF'
