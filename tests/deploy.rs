@@ -286,3 +286,173 @@ fn the_systemd_unit_and_its_configuration_agree() {
     assert!(out.status.success(), "deploy/postback-proxy.yaml: {stderr}");
     assert_eq!(stdout.trim(), "configuration OK");
 }
+
+/// A daemon started by the test, found by its PID file; SIGKILLed when dropped if still running.
+struct Daemon {
+    pid_file: PathBuf,
+}
+
+impl Daemon {
+    fn pid(&self) -> i32 {
+        let text = std::fs::read_to_string(&self.pid_file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", self.pid_file.display()));
+        text.trim().parse().expect("a PID in the PID file")
+    }
+}
+
+/// `true` while process `pid` runs (a zombie waiting to be reaped has exited).
+fn alive(pid: i32) -> bool {
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    });
+    let exists = unsafe { libc::kill(pid, 0) == 0 };
+    exists && !zombie
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string(&self.pid_file) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Runs one of the unit's command lines with the binary under test, `config` for the unit's
+/// configuration file and `main_pid` for `$MAINPID`; asserts it succeeds within 30 s.
+fn run_unit_command(line: &str, config: &Path, main_pid: i32) {
+    let words: Vec<String> = line
+        .split_whitespace()
+        .map(|w| match w {
+            "/usr/local/bin/postback-proxy" => common::proxy::binary().to_owned(),
+            "/etc/postback-proxy/postback-proxy.yaml" => config.display().to_string(),
+            "$MAINPID" => main_pid.to_string(),
+            w => w.to_owned(),
+        })
+        .collect();
+    let dir = config.parent().unwrap();
+    let log = dir.join("unit-commands.log");
+    let status = common::Proc::start(
+        "a unit command",
+        std::process::Command::new(&words[0])
+            .args(&words[1..])
+            .current_dir(dir),
+        log.clone(),
+    )
+    .wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "{line} ({words:?}): {status}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+/// What `systemctl start` and then `systemctl reload` do, without systemd: ExecStart (a daemon
+/// writing its PID file), then every ExecReload line in order, while pixels keep coming. Not one
+/// request fails, the PID file names the new process, the old one exits, every record arrives.
+#[test]
+fn the_units_reload_upgrades_with_no_failed_request() {
+    let origin = Origin::start();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings::new(origin.peer());
+    let (port, admin) = (common::free_port(), common::free_port());
+    let yaml = settings.yaml(dir.path(), port, admin).replacen(
+        "server:\n",
+        &format!("server:\n  error_log: {}/error.log\n", dir.path().display()),
+        1,
+    );
+    let config = dir.path().join("postback-proxy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let daemon = Daemon {
+        pid_file: dir.path().join("proxy.pid"),
+    };
+    let log = || std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+
+    run_unit_command(&unit_value("ExecStartPre"), &config, 0);
+    run_unit_command(&unit_value("ExecStart"), &config, 0);
+    let old = daemon.pid();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            common::process::owns_listener(old as u32, port)
+                && common::process::listening(port, Duration::from_secs(1))
+        }),
+        "the daemon does not listen on {port}; log:\n{}",
+        log()
+    );
+
+    // Pixels, one after another, until told to stop: (sent, failures).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let client = common::client();
+            let (mut sent, mut failures) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let url = format!(
+                    "http://127.0.0.1:{port}/postback/v3/event/web/reload?td_write_key={KEY}&n={sent}"
+                );
+                match rt.block_on(client.get(&url).send()) {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures.push(format!("{sent}: {}", r.status())),
+                    Err(e) => failures.push(format!("{sent}: {e}")),
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (sent, failures)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
+    for line in unit_values("ExecReload") {
+        run_unit_command(&line, &config, old);
+    }
+    let new = daemon.pid();
+    assert_ne!(new, old, "the PID file still names the old process");
+    assert!(
+        eventually(Duration::from_secs(30), || !alive(old)),
+        "the old process did not exit; log:\n{}",
+        log()
+    );
+    assert!(alive(new), "the new process is gone; log:\n{}", log());
+    assert!(common::process::owns_listener(new as u32, port));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (sent, failures) = load.join().unwrap();
+    eprintln!("{sent} requests across the reload, {} failed", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests failed across the reload: {failures:?}\nlog:\n{}",
+        failures.len(),
+        log()
+    );
+
+    // Every accepted record arrives, and the new process stops on SIGTERM as systemctl stop asks.
+    let events = dir.path().join("events.jsonl");
+    let count = || {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"reload\""))
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || count() >= sent),
+        "{} of {sent} records in the sink; log:\n{}",
+        count(),
+        log()
+    );
+    unsafe { libc::kill(new, libc::SIGTERM) };
+    assert!(
+        eventually(Duration::from_secs(30), || !alive(new)),
+        "the new process did not stop on SIGTERM; log:\n{}",
+        log()
+    );
+}
