@@ -1,6 +1,15 @@
-//! The end-to-end harness: a recording origin server, the real proxy binary with its own
-//! configuration and ports, and a raw HTTP/1.1 client. Each test builds its own, so tests run in
-//! parallel. Every wait is bounded.
+//! The end-to-end harness every test file uses: the real proxy binary with its own configuration
+//! and ports, retried on other ports when another process took one, and trusted only once it
+//! holds its listeners itself ([`proxy`]); the peers the tests stand up, a recording origin
+//! ([`origin`]) and an `http` sink collector ([`collector`]), on one HTTP server ([`server`]);
+//! free ports, child processes killed when dropped and bounded waits ([`process`]); a raw
+//! HTTP/1.1 client ([`raw`]); and the reqwest client and answers below. Each test builds its own,
+//! so tests run in parallel. Every wait is bounded.
+//!
+//! Test files are named after the contract's sections (`../shared/SPEC.md`): `command_line.rs`
+//! (1, 2), `postback_requests.rs` (3, 4), `delivery.rs`, `sink_kafka.rs`, `sink_fluent.rs` (4),
+//! `passthrough.rs` (5), `deploy.rs` (6), `browser.rs` (3, 7); across sections: `frontdoor.rs`
+//! (TLS, health checks, upgrades) and `adversarial.rs` (hostile input).
 #![allow(dead_code)]
 
 pub mod collector;
