@@ -3,6 +3,7 @@
 #   - systemd-analyze verify on deploy/postback-proxy.service, installed in a scratch root laid
 #     out as the unit's comment says (the binary at /usr/local/bin/postback-proxy), so that every
 #     ExecStart/ExecReload command is checked to exist and be executable where the unit says;
+#   - systemd-analyze security: the unit's exposure score stays at most 2.0;
 #   - promtool check rules on deploy/alerts.yml, and promtool test rules on its unit tests
 #     (deploy/alerts.test.yml: each alert fires on the series it is meant for);
 #   - promtool check rules on the Grafana dashboard's queries (each wrapped in a recording rule,
@@ -56,6 +57,15 @@ if grep -v -e 'Too many levels of symbolic links' <<<"$out" | grep -q .; then
   echo "$out" >&2
   exit 1
 fi
+
+# And hardened: systemd's own exposure score (0 to 10, lower is better) stays at most 2.0.
+echo "systemd-analyze security deploy/postback-proxy.service"
+if ! systemd-analyze security --offline=yes --threshold=20 deploy/postback-proxy.service >"$root/security.txt" 2>&1; then
+  cat "$root/security.txt" >&2
+  echo "deploy/check.sh: the unit's exposure is above 2.0" >&2
+  exit 1
+fi
+tail -1 "$root/security.txt"
 
 echo "promtool check rules deploy/alerts.yml"
 promtool check rules deploy/alerts.yml
