@@ -426,7 +426,10 @@ fn the_units_reload_upgrades_with_no_failed_request() {
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (sent, failures) = load.join().unwrap();
-    eprintln!("{sent} requests across the reload, {} failed", failures.len());
+    eprintln!(
+        "{sent} requests across the reload, {} failed",
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {sent} requests failed across the reload: {failures:?}\nlog:\n{}",
