@@ -392,11 +392,10 @@ async fn ten_thousand_parameters_are_refused_by_the_url_or_the_column_limit() {
 
 #[tokio::test]
 async fn a_megabyte_of_ampersands_is_a_record_without_columns_or_413() {
-    let origin = Origin::start();
-    let mut s = Settings::new(origin.peer());
-    // The default body limit: 1,048,064 bytes (512 bytes short of 1 MiB).
-    s.max_body_bytes = "1048064".into();
-    let proxy = Proxy::start_with(s);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        // The default body limit: 1,048,064 bytes (512 bytes short of 1 MiB).
+        s.max_body_bytes = "1048064".into();
+    });
     let post = |n: usize| {
         client()
             .post(proxy.url(&format!("{EV}/web/amp?{}", key_q())))
@@ -478,17 +477,20 @@ async fn deeply_nested_json_is_400() {
 // ---------------------------------------------------------------------------------------------
 // Bad bytes.
 
+/// Queries whose parameter names are not UTF-8 once decoded: a lone continuation byte, a bad
+/// second byte, a stray byte inside a name, a surrogate, a five-byte form.
+const NOT_UTF8_NAMES: [&str; 5] = [
+    "%FF=1",
+    "%C3%28=x",
+    "a%80b=1",
+    "%ED%A0%80=surrogate",
+    "ok=1&%F8%88%80%80%80=1",
+];
+
 #[tokio::test]
 async fn invalid_utf8_in_names_is_400() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
-    for q in [
-        "%FF=1",
-        "%C3%28=x",
-        "a%80b=1",
-        "%ED%A0%80=surrogate",
-        "ok=1&%F8%88%80%80%80=1",
-    ] {
+    let (_origin, proxy) = harness();
+    for q in NOT_UTF8_NAMES {
         let r = get(&proxy.url(&format!("{EV}/web/utf8?{}&{q}", key_q())), &[]).await;
         assert_error(&r, 400, "bad_request");
         assert!(!r.text().contains(KEY), "the key was echoed: {}", r.text());
@@ -529,8 +531,7 @@ async fn invalid_utf8_in_names_is_400() {
 
 #[tokio::test]
 async fn nul_bytes_in_values_are_kept_and_escaped() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let r = get(
         &proxy.url(&format!("{EV}/web/nul?{}&a=%00&b=x%00y&%00n=z", key_q())),
         &[],
@@ -564,8 +565,7 @@ async fn nul_bytes_in_values_are_kept_and_escaped() {
 
 #[tokio::test]
 async fn an_overlong_cookie_gets_a_fresh_global_id() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let url = proxy.url(&format!(
         "{EV}/web/cookie?{}&td_global_id=td_global_id",
         key_q()
@@ -618,8 +618,7 @@ fn flood(count: usize, value_len: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn header_floods_are_refused_or_closed() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let pixel = format!("{EV}/web/flood?td_format=pixel&{}", key_q());
 
     // More header fields than Pingora parses (256): refused before any of our code runs.
@@ -697,8 +696,7 @@ async fn header_floods_are_refused_or_closed() {
 /// clients are served meanwhile.
 #[tokio::test]
 async fn slow_clients_do_not_starve_others() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let addr = proxy.addr();
     const SLOW: usize = 24;
     let slow: Vec<std::thread::JoinHandle<Exchange>> = (0..SLOW)
@@ -921,8 +919,7 @@ async fn smuggle_all(proxy: &Proxy, postback: bool, front: impl Fn(usize) -> Str
 
 #[tokio::test]
 async fn request_smuggling_on_a_postback_route() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let n = smuggle_all(&proxy, true, |i| {
         format!("{EV}/web/front_{i}?{}&td_format=pixel&front={i}", key_q())
     })
@@ -950,8 +947,7 @@ async fn request_smuggling_on_a_postback_route() {
 
 #[tokio::test]
 async fn request_smuggling_on_the_passthrough_path() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let n = smuggle_all(&proxy, false, |i| format!("/app/front/{i}")).await;
     let seen = origin.requests();
     assert!(
@@ -983,8 +979,7 @@ async fn request_smuggling_on_the_passthrough_path() {
 /// unread body be parsed as a request.
 #[tokio::test]
 async fn an_unread_body_is_never_parsed_as_a_request() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let s = smuggled(true);
     // Refused before the body is read (no key; bad name; method not allowed; 413 declared).
     let fronts = [
@@ -1045,8 +1040,7 @@ async fn an_unread_body_is_never_parsed_as_a_request() {
 /// shares connections between visitors, the bytes that follow belong to somebody else.
 #[tokio::test]
 async fn a_malformed_chunked_body_closes_the_connection() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let next = format!(
         "GET {EV}/web/after_bad_chunk?{}&td_format=pixel HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         key_q()
@@ -1116,8 +1110,7 @@ async fn a_malformed_chunked_body_closes_the_connection() {
 /// Bounded at 100 s; nothing is measured but whether the proxy closed the connection by then.
 #[tokio::test]
 async fn idle_and_half_sent_keep_alive_connections_are_closed() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let addr = proxy.addr();
     let first = format!(
         "GET {EV}/web/idle?{}&td_format=pixel HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",

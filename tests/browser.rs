@@ -25,12 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::proxy::{server_yaml, web_key_yaml, TestPki, TlsFiles};
+use common::server::{header_pairs, Server};
 use common::Proxy;
 use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 /// The write key the page carries; allowed for the database `web` only.
@@ -82,29 +81,6 @@ fn chromium_or_fail() -> PathBuf {
     chromium
 }
 
-/// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
-fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec"])
-        .args(["-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-        .args(["-days", "2", "-subj", "/CN=127.0.0.1"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl could not make a certificate: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
-
 /// One request the origin served.
 #[derive(Clone, Debug)]
 struct Served {
@@ -116,10 +92,8 @@ struct Served {
 /// The site behind the proxy: a real HTTP/1.1 server serving the test page at `/landing.html`
 /// and `/shop/item.html`, the SDK at `/vendor/td-js-sdk/td.min.js`, and 404 for anything else.
 struct Site {
-    addr: std::net::SocketAddr,
     served: Arc<Mutex<Vec<Served>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: Server,
 }
 
 impl Site {
@@ -130,44 +104,12 @@ impl Site {
             .expect("read td.min.js");
         let (page, sdk) = (Arc::new(page), Bytes::from(sdk));
         let served = Arc::new(Mutex::new(Vec::new()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the origin");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let log = served.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => break,
-                        accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
-                            let (page, sdk, log) = (page.clone(), sdk.clone(), log.clone());
-                            tokio::spawn(async move {
-                                let service = service_fn(move |req| {
-                                    let answer = Site::answer(&page, &sdk, &log, req);
-                                    async move { Ok::<_, Infallible>(answer) }
-                                });
-                                let _ = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
-                            });
-                        }
-                    }
-                }
-            });
+        let server = Server::bind("site", 0, move |req| {
+            let answer = Site::answer(&page, &sdk, &log, req);
+            async move { Ok::<_, Infallible>(answer) }
         });
-        Site {
-            addr,
-            served,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        Site { served, server }
     }
 
     fn answer(
@@ -179,16 +121,7 @@ impl Site {
         log.lock().unwrap().push(Served {
             method: req.method().to_string(),
             uri: req.uri().to_string(),
-            headers: req
-                .headers()
-                .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
+            headers: header_pairs(req.headers()).into_iter().collect(),
         });
         let (status, content_type, body) = match req.uri().path() {
             path @ ("/landing.html" | "/shop/item.html") => (
@@ -212,34 +145,21 @@ impl Site {
     }
 }
 
-impl Drop for Site {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The proxy in front of `site`, with a TLS listener using `cert` and `key`, the two routes the
-/// page uses, a write key for `web`, a file sink and a memory buffer. No CORS origins: the page,
-/// the pixel, the beacon and the SDK are all the same origin.
-fn start_proxy(site: &Site, cert: &Path, key: &Path) -> Proxy {
-    let origin = site.addr;
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+/// The proxy in front of `site`, with a TLS listener using `tls`, the two routes the page uses,
+/// a write key for `web`, a file sink and a memory buffer. No CORS origins: the page, the pixel,
+/// the beacon and the SDK are all the same origin.
+fn start_proxy(site: &Site, tls: &TlsFiles) -> Proxy {
+    let origin = site.server.addr;
+    let (cert, key) = (
+        tls.cert.display().to_string(),
+        tls.key.display().to_string(),
+    );
     Proxy::start_yaml(
         move |dir, port, _admin| {
+            let (server, auth) = (server_yaml(dir), web_key_yaml(KEY));
             let dir = dir.display();
             format!(
-                r#"server:
-  threads: 2
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 2
-  upgrade_sock: {dir}/upgrade.sock
-  pid_file: {dir}/proxy.pid
-
+                r#"{server}
 listen:
   - address: 127.0.0.1:{port}
     tls: {{ cert: {cert:?}, key: {key:?} }}
@@ -255,11 +175,7 @@ routes:
   - path: /td/{{database}}/{{table}}
     sink: main
 
-auth:
-  write_keys:
-    - key: "{KEY}"
-      databases: ["web"]
-
+{auth}
 postback:
   cors:
     allowed_origins: []
@@ -390,9 +306,10 @@ fn is_uuid(s: &str) -> bool {
 fn chromium_pixel_beacon_and_td_js_sdk_through_the_proxy() {
     let chromium = chromium_or_fail();
     let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = certificate(certs.path());
+    // The browser is told to accept any certificate: the CA is not the point here.
+    let pki = TestPki::create(certs.path());
     let site = Site::start();
-    let proxy = start_proxy(&site, &cert, &key);
+    let proxy = start_proxy(&site, &pki.server);
     let host = format!("127.0.0.1:{}", proxy.port);
     let first_url = format!("https://{host}/landing.html?load=1");
     let second_url = format!("https://{host}/shop/item.html?load=2");

@@ -4,10 +4,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::collector::{Collector, Received};
-use common::proxy::free_port;
+use common::proxy::{free_port, tear_newest_segment};
 use common::{client, Origin, Proxy, Settings, KEY};
 use serde_json::Value;
 
@@ -21,6 +22,15 @@ fn http_settings(origin: &Origin, collector_port: u16, gzip: bool) -> Settings {
         "{{ type: http, url: \"http://127.0.0.1:{collector_port}/bulk\", gzip: {gzip}, timeout: 5s }}"
     ));
     s
+}
+
+/// An origin, a free port for the collector, an empty store for what the collector will receive,
+/// and [`http_settings`] for them.
+fn http_setup(gzip: bool) -> (Origin, u16, Arc<Received>, Settings) {
+    let origin = Origin::start();
+    let port = free_port();
+    let settings = http_settings(&origin, port, gzip);
+    (origin, port, Received::new(), settings)
 }
 
 /// Sends pixels `n = from..to` with `concurrency` requests in flight; returns the `n` of every
@@ -122,10 +132,7 @@ async fn wait_readyz(proxy: &Proxy, status: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sink_down_then_kill_9_then_restart_delivers_every_accepted_record() {
-    let origin = Origin::start();
-    let port = free_port();
-    let received = Received::new();
-    let settings = http_settings(&origin, port, false);
+    let (_origin, port, received, settings) = http_setup(false);
     let mut proxy = Proxy::start_with(settings.clone());
 
     let accepted = pixels(&proxy, 0, 3000, 32).await;
@@ -147,11 +154,8 @@ async fn sink_down_then_kill_9_then_restart_delivers_every_accepted_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_keeps_every_accepted_record() {
-    let origin = Origin::start();
-    let port = free_port();
-    let received = Received::new();
+    let (_origin, port, received, settings) = http_setup(true);
     let collector = Collector::start(port, received.clone(), None);
-    let settings = http_settings(&origin, port, true);
     let mut proxy = Proxy::start_with(settings.clone());
 
     let load = {
@@ -217,10 +221,7 @@ async fn sigterm_under_load_keeps_every_accepted_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_buffer_answers_503_and_recovers_when_the_sink_returns() {
-    let origin = Origin::start();
-    let port = free_port();
-    let received = Received::new();
-    let mut settings = http_settings(&origin, port, false);
+    let (_origin, port, received, mut settings) = http_setup(false);
     settings.delivery_extra = vec!["max_bytes: 8KiB".into()];
     let proxy = Proxy::start_with(settings);
 
@@ -271,14 +272,7 @@ async fn full_buffer_answers_503_and_recovers_when_the_sink_returns() {
     received.wait_until(WAIT, "the record sent after recovery", |r| {
         arrivals(r).contains_key(&9999)
     });
-    let metrics = client
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(
         metrics.contains("postback_requests_total{outcome=\"unavailable\""),
         "{metrics}"
@@ -295,11 +289,8 @@ async fn full_buffer_answers_503_and_recovers_when_the_sink_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sink_that_fails_now_and_then_loses_nothing() {
-    let origin = Origin::start();
-    let port = free_port();
-    let received = Received::new();
+    let (_origin, port, received, mut settings) = http_setup(true);
     let _collector = Collector::start(port, received.clone(), Some(3));
-    let mut settings = http_settings(&origin, port, true);
     settings.batch_max_records = 20;
     let proxy = Proxy::start_with(settings);
 
@@ -323,10 +314,7 @@ async fn a_sink_that_fails_now_and_then_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_torn_tail_is_skipped_with_a_warning_and_the_rest_delivered() {
-    let origin = Origin::start();
-    let port = free_port();
-    let received = Received::new();
-    let settings = http_settings(&origin, port, false);
+    let (_origin, port, received, settings) = http_setup(false);
     let mut proxy = Proxy::start_with(settings.clone());
     let accepted = pixels(&proxy, 0, 50, 10).await;
     assert_eq!(accepted.len(), 50);
@@ -334,22 +322,7 @@ async fn a_torn_tail_is_skipped_with_a_warning_and_the_rest_delivered() {
 
     // A crash in the middle of a write: a frame cut short at the end of the newest segment.
     let dir = proxy.take_dir();
-    let spool = dir.path().join("buffer/main");
-    let newest = std::fs::read_dir(&spool)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
-        .max()
-        .expect("a segment with records");
-    let mut torn = 500u32.to_le_bytes().to_vec();
-    torn.extend_from_slice(&[0xAB; 40]);
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&newest)
-        .unwrap();
-    std::io::Write::write_all(&mut file, &torn).unwrap();
-    drop(file);
+    tear_newest_segment(&dir.path().join("buffer/main"));
 
     let _collector = Collector::start(port, received.clone(), None);
     let proxy = Proxy::start_in(Some(dir), settings);
@@ -400,14 +373,7 @@ async fn records_the_collector_refuses_for_good_go_to_rejected_jsonl() {
         "{}",
         lines[0]
     );
-    let metrics = client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(
         metrics.contains("postback_records_total{result=\"rejected\",sink=\"main\"} 5"),
         "{metrics}"

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::{binary, TestPki};
+use common::proxy::{binary, check, openssl, TestPki};
 use common::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -67,16 +67,33 @@ fn pixel_path(table: &str, via: &str) -> String {
 
 /// Runs `postback-proxy -c FILE --check` in `cwd`.
 fn run_check(file: &Path, cwd: &Path) -> (Output, String, String) {
-    let out = Command::new(binary())
-        .arg("-c")
-        .arg(file)
-        .arg("--check")
-        .current_dir(cwd)
-        .output()
-        .expect("run postback-proxy --check");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out, stdout, stderr)
+    check("-c", file, cwd)
+}
+
+/// Makes the self-signed pair `conf/tls.yaml` expects, in `conf/tls/` under `dir`, as the
+/// comment in that file says.
+fn conf_tls_pair(dir: &Path) {
+    std::fs::create_dir_all(dir.join("conf/tls")).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            "conf/tls/key.pem",
+            "-out",
+            "conf/tls/cert.pem",
+        ],
+    );
 }
 
 /// Creates the directory `path` and returns it.
@@ -108,10 +125,9 @@ fn trust_only(ca: &Path, empty_dir: &Path) -> Vec<(String, String)> {
 async fn tls_listener_answers_pixels_over_http2_and_http1_with_a_secure_cookie() {
     let certs = tempfile::tempdir().unwrap();
     let pki = TestPki::create(certs.path());
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.tls_listener = Some(pki.server.clone());
-    let proxy = Proxy::start_with(settings);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        s.tls_listener = Some(pki.server.clone());
+    });
 
     let mut ids = Vec::new();
     for (via, http1, version) in [
@@ -186,10 +202,9 @@ async fn tls_listener_answers_pixels_over_http2_and_http1_with_a_secure_cookie()
 async fn tls_listener_passes_requests_through_with_forwarded_proto_https() {
     let certs = tempfile::tempdir().unwrap();
     let pki = TestPki::create(certs.path());
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.tls_listener = Some(pki.server.clone());
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.tls_listener = Some(pki.server.clone());
+    });
     let host = format!("127.0.0.1:{}", proxy.tls_port);
     let body: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
 
@@ -291,25 +306,13 @@ fn read_until(stream: &mut impl Read, buf: &mut Vec<u8>, needle: &[u8]) {
 fn websocket_upgrade_passes_over_the_tls_listener() {
     let certs = tempfile::tempdir().unwrap();
     let pki = TestPki::create(certs.path());
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.tls_listener = Some(pki.server.clone());
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.tls_listener = Some(pki.server.clone());
+    });
 
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.tls_port));
     let mut tls = tls_connect(addr, &pki.ca);
-    tls.write_all(&request(
-        "GET",
-        "/ws",
-        &[
-            "Connection: Upgrade",
-            "Upgrade: websocket",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version: 13",
-        ],
-        b"",
-    ))
-    .unwrap();
+    tls.write_all(&websocket_upgrade("/ws")).unwrap();
     tls.flush().unwrap();
     let mut buf = Vec::new();
     read_until(&mut tls, &mut buf, b"\r\n\r\n");
@@ -485,8 +488,7 @@ async fn who_answers(proxy: &Proxy, peers: &[&Origin], i: usize) -> Option<usize
 async fn an_http_health_check_takes_a_failing_peer_out_and_puts_it_back() {
     let a = Origin::start();
     let b = Origin::start();
-    let mut settings = Settings::new(a.peer());
-    settings.upstream.push(b.peer());
+    let mut settings = Settings::for_origins(&[&a, &b]);
     // A third peer that is down: the HTTP check takes it out too.
     settings
         .upstream
@@ -567,23 +569,12 @@ async fn an_http_health_check_takes_a_failing_peer_out_and_puts_it_back() {
 
 #[tokio::test]
 async fn a_slow_origin_is_504_with_a_short_text_body() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.read_timeout = "300ms".into();
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.read_timeout = "300ms".into();
+    });
 
-    let r = get(&proxy.url("/slow?ms=3000"), &[]).await;
-    assert_eq!(r.status, 504, "{:?}", r.text());
-    let ct = r.header("content-type").unwrap_or_default();
-    assert!(
-        ct.starts_with("text/plain"),
-        "Content-Type of the 504: {ct:?}"
-    );
-    assert!(
-        !r.body.is_empty() && r.body.len() < 200,
-        "the 504 body should be a short text: {:?}",
-        r.text()
-    );
+    let r = proxy.get("/slow?ms=3000").await;
+    r.assert_short_text(504);
     origin.wait_for("the slow request", |r| r.uri == "/slow?ms=3000");
 
     // The next requests are served normally (no broken upstream connection is reused).
@@ -638,7 +629,7 @@ fn start_load(
                         Ok(resp) => {
                             let status = resp.status().as_u16();
                             match resp.bytes().await {
-                                Ok(body) if status == 200 && body[..] == PIXEL_GIF => Ok(()),
+                                Ok(body) if status == 200 && body[..] == *PIXEL_GIF => Ok(()),
                                 Ok(body) => Err(format!(
                                     "status {status}, body {:?}",
                                     String::from_utf8_lossy(&body)
@@ -817,33 +808,7 @@ fn conf_tls_yaml_passes_check_given_its_certificate_files() {
 
     // With the files where the configuration expects them (relative to the working directory),
     // made as the comment in conf/tls.yaml says.
-    std::fs::create_dir_all(cwd.path().join("conf/tls")).unwrap();
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            "conf/tls/key.pem",
-            "-out",
-            "conf/tls/cert.pem",
-        ])
-        .current_dir(cwd.path())
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    conf_tls_pair(cwd.path());
     let (out, stdout, stderr) = run_check(&shipped("tls.yaml"), cwd.path());
     assert!(out.status.success(), "conf/tls.yaml: {stderr}");
     assert_eq!(stdout.trim(), "configuration OK");
@@ -854,33 +819,7 @@ fn conf_tls_yaml_serves_https_with_its_self_signed_pair() {
     // conf/tls.yaml with its listeners moved to free ports, run in a directory holding the
     // pair made as its comment says: it starts and serves HTTPS.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("conf/tls")).unwrap();
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            "conf/tls/key.pem",
-            "-out",
-            "conf/tls/cert.pem",
-        ])
-        .current_dir(dir.path())
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    conf_tls_pair(dir.path());
     let cert = dir.path().join("conf/tls/cert.pem");
     let cert = std::fs::canonicalize(cert).unwrap();
     let key = std::fs::canonicalize(dir.path().join("conf/tls/key.pem")).unwrap();
@@ -933,23 +872,10 @@ fn conf_tls_yaml_serves_https_with_its_self_signed_pair() {
             .await
             .expect("HTTPS request to conf/tls.yaml");
         assert_eq!(resp.status(), 200);
-        assert_eq!(resp.bytes().await.unwrap()[..], PIXEL_GIF);
+        assert_eq!(resp.bytes().await.unwrap()[..], *PIXEL_GIF);
     });
     let records = proxy.records(1);
     assert_eq!(records[0]["record"]["page"], "/home");
-}
-
-/// Waits (up to 30 s) until `proxy`'s stderr contains `line`.
-fn wait_log(proxy: &Proxy, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !proxy.stderr().contains(line) {
-        assert!(
-            Instant::now() < deadline,
-            "no `{line}` in the log after 30 s:\n{}",
-            proxy.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -971,7 +897,10 @@ fn upgrade_answers_a_request_whose_head_arrives_across_the_handover() {
     old.signal(libc::SIGQUIT);
     // Logged once the old process's accept loops have ended and its HTTP service has shut
     // down (Pingora's CLOSE_TIMEOUT, 5 s after SIGQUIT); its grace period (1 s) follows.
-    wait_log(&old, "service 'Pingora HTTP Proxy Service' exited");
+    old.wait_log(
+        "service 'Pingora HTTP Proxy Service' exited",
+        Duration::from_secs(30),
+    );
     let sent = conn.try_send(tail);
     let mut first = [0u8; 1];
     let answered = sent && matches!(conn.stream.peek(&mut first), Ok(n) if n > 0);
@@ -1009,11 +938,7 @@ fn a_tls_listener_whose_certificate_cannot_be_loaded_is_refused_at_check_and_sta
     std::fs::write(&files.key, "not a key\n").unwrap();
     let mut settings = Settings::new("127.0.0.1:3000");
     settings.tls_listener = Some(files);
-    let (port, admin, tls) = (
-        common::proxy::free_port(),
-        common::proxy::free_port(),
-        common::proxy::free_port(),
-    );
+    let (port, admin, tls) = (free_port(), free_port(), free_port());
     let config = dir.path().join("config.yaml");
     std::fs::write(
         &config,
@@ -1028,19 +953,18 @@ fn a_tls_listener_whose_certificate_cannot_be_loaded_is_refused_at_check_and_sta
     );
     assert!(stderr.contains("listen[1].tls"), "{stderr}");
 
-    let mut child = Command::new(binary())
-        .arg("-c")
-        .arg(&config)
-        .current_dir(dir.path())
-        .env("RUST_BACKTRACE", "0")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut proc = Proc::start(
+        "postback-proxy",
+        Command::new(binary())
+            .arg("-c")
+            .arg(&config)
+            .current_dir(dir.path())
+            .env("RUST_BACKTRACE", "0"),
+        dir.path().join("stderr.log"),
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = proc.exited() {
             break Some(status);
         }
         if Instant::now() > deadline {
@@ -1049,9 +973,8 @@ fn a_tls_listener_whose_certificate_cannot_be_loaded_is_refused_at_check_and_sta
         std::thread::sleep(Duration::from_millis(50));
     };
     let plain_serves = TcpStream::connect(("127.0.0.1", port)).is_ok();
-    let _ = child.kill();
-    let _ = child.wait();
-    let log = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+    proc.kill();
+    let log = proc.log();
     let status = status.unwrap_or_else(|| {
         panic!(
             "the proxy kept running for 15 s with a certificate it cannot load (plain listener \

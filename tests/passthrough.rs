@@ -11,8 +11,7 @@ use common::*;
 
 #[tokio::test]
 async fn method_path_query_headers_and_body_reach_the_origin_unchanged() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let body: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
     for (i, method) in ["GET", "POST", "PUT", "DELETE", "PATCH", "PURGE", "OPTIONS"]
         .iter()
@@ -73,8 +72,7 @@ async fn method_path_query_headers_and_body_reach_the_origin_unchanged() {
 
 #[tokio::test]
 async fn forwarded_headers_are_added_and_extended_from_a_trusted_peer() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // 127.0.0.1 is a trusted proxy
+    let (origin, proxy) = harness(); // 127.0.0.1 is a trusted proxy
     let host = format!("127.0.0.1:{}", proxy.port);
 
     get(&proxy.url("/fwd/1"), &[]).await;
@@ -92,10 +90,9 @@ async fn forwarded_headers_are_added_and_extended_from_a_trusted_peer() {
 
 #[tokio::test]
 async fn forwarded_headers_from_an_untrusted_peer_are_replaced() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.trusted_proxies = vec!["10.0.0.0/8".into()];
-    let proxy = Proxy::start_with(settings);
+    let (origin, proxy) = origin_and_proxy(|s| {
+        s.trusted_proxies = vec!["10.0.0.0/8".into()];
+    });
     let r = get(
         &proxy.url("/fwd/untrusted?q=1"),
         &[
@@ -117,8 +114,7 @@ async fn forwarded_headers_from_an_untrusted_peer_are_replaced() {
 
 #[tokio::test]
 async fn origin_answers_come_back_unchanged() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for code in [404u16, 500, 201, 418] {
         let r = send(client().get(proxy.url(&format!("/status/{code}")))).await;
         assert_eq!(r.status, code);
@@ -139,8 +135,7 @@ async fn origin_answers_come_back_unchanged() {
 
 #[tokio::test]
 async fn large_bodies_pass_in_both_directions() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
 
     // Chunked from the origin.
     let n = 8_000_000;
@@ -176,8 +171,7 @@ async fn large_bodies_pass_in_both_directions() {
 
 #[tokio::test]
 async fn request_body_streams_to_the_origin_before_it_ends() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let mut conn = RawConn::connect(proxy.addr());
     conn.send(&request(
         "POST",
@@ -199,8 +193,7 @@ async fn request_body_streams_to_the_origin_before_it_ends() {
 
 #[tokio::test]
 async fn response_body_streams_to_the_client_before_it_ends() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let mut conn = RawConn::connect(proxy.addr());
     conn.send(&request("GET", "/hold", &[], b""));
     let (status, _) = conn.read_head();
@@ -214,20 +207,9 @@ async fn response_body_streams_to_the_client_before_it_ends() {
 
 #[tokio::test]
 async fn websocket_upgrade_passes() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let mut conn = RawConn::connect(proxy.addr());
-    conn.send(&request(
-        "GET",
-        "/ws",
-        &[
-            "Connection: Upgrade",
-            "Upgrade: websocket",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version: 13",
-        ],
-        b"",
-    ));
+    conn.send(&websocket_upgrade("/ws"));
     let (status, headers) = conn.read_head();
     assert_eq!(status, 101, "headers: {headers:?}");
     assert!(
@@ -260,16 +242,7 @@ async fn upstream_down_is_502_and_postbacks_still_work() {
         }
         let r = send(req).await;
         assert_eq!(r.status, 502, "{method} {path}: {:?}", r.text());
-        let ct = r.header("content-type").unwrap_or_default();
-        assert!(
-            ct.starts_with("text/plain"),
-            "Content-Type of the 502: {ct:?}"
-        );
-        assert!(
-            !r.body.is_empty() && r.body.len() < 200,
-            "the 502 body should be a short text: {:?}",
-            r.text()
-        );
+        r.assert_short_text(502);
 
         let r = get(
             &proxy.url(&format!(
@@ -288,8 +261,7 @@ async fn upstream_down_is_502_and_postbacks_still_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_proxied_request_in_flight_finish() {
-    let origin = Origin::start();
-    let mut proxy = Proxy::start(origin.peer());
+    let (origin, mut proxy) = harness();
     let url = proxy.url("/slow?ms=800");
     let pending = tokio::spawn(async move { send(client().get(url)).await });
     origin.wait_for("the slow request", |r| r.uri.starts_with("/slow"));
@@ -309,9 +281,7 @@ async fn sigterm_lets_a_proxied_request_in_flight_finish() {
 async fn several_peers_share_the_requests_round_robin() {
     let a = Origin::start();
     let b = Origin::start();
-    let mut settings = Settings::new(a.peer());
-    settings.upstream.push(b.peer());
-    let proxy = Proxy::start_with(settings);
+    let proxy = Proxy::start_with(Settings::for_origins(&[&a, &b]));
     for i in 0..10 {
         let r = get(&proxy.url(&format!("/rr?i={i}")), &[]).await;
         assert_eq!(r.status, 200);

@@ -10,17 +10,15 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
+
+use super::server::Server;
 
 /// What the collector kept, shared across restarts.
 #[derive(Default)]
@@ -79,67 +77,24 @@ impl Received {
 /// The collector server; stops when dropped.
 pub struct Collector {
     pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: Server,
 }
 
 impl Collector {
     /// Starts a collector on `127.0.0.1:port` (0: a free port) keeping records in `received`.
     pub fn start(port: u16, received: Arc<Received>, fail_every: Option<u64>) -> Collector {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind collector");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("collector-{}", addr.port()))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    loop {
-                        tokio::select! {
-                            _ = &mut stopped => break,
-                            accepted = listener.accept() => {
-                                let Ok((stream, _)) = accepted else { continue };
-                                let received = received.clone();
-                                tokio::spawn(async move {
-                                    let service = service_fn(move |req| handle(received.clone(), fail_every, req));
-                                    let _ = http1::Builder::new()
-                                        .serve_connection(TokioIo::new(stream), service)
-                                        .await;
-                                });
-                            }
-                        }
-                    }
-                });
-                rt.shutdown_timeout(Duration::from_millis(100));
-            })
-            .unwrap();
+        let server = Server::bind("collector", port, move |req| {
+            handle(received.clone(), fail_every, req)
+        });
         Collector {
-            addr,
-            stop: Some(stop),
-            thread: Some(thread),
+            addr: server.addr,
+            _server: server,
         }
     }
 
     /// The collector's URL.
     pub fn url(&self) -> String {
         format!("http://{}/bulk", self.addr)
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -1,12 +1,23 @@
-//! The end-to-end harness: a recording origin server, the real proxy binary with its own
-//! configuration and ports, and a raw HTTP/1.1 client. Each test builds its own, so tests run in
-//! parallel. Every wait is bounded.
+//! The end-to-end harness every test file uses: the real proxy binary with its own configuration
+//! and ports, retried on other ports when another process took one, and trusted only once it
+//! holds its listeners itself ([`proxy`]); the peers the tests stand up, a recording origin
+//! ([`origin`]) and an `http` sink collector ([`collector`]), on one HTTP server ([`server`]);
+//! free ports, child processes killed when dropped and bounded waits ([`process`]); a raw
+//! HTTP/1.1 client ([`raw`]); and the reqwest client and answers below. Each test builds its own,
+//! so tests run in parallel. Every wait is bounded.
+//!
+//! Test files are named after the contract's sections (`../shared/SPEC.md`): `command_line.rs`
+//! (1, 2), `postback_requests.rs` (3, 4), `delivery.rs`, `sink_kafka.rs`, `sink_fluent.rs` (4),
+//! `passthrough.rs` (5), `deploy.rs` (6), `browser.rs` (3, 7); across sections: `frontdoor.rs`
+//! (TLS, health checks, upgrades) and `adversarial.rs` (hostile input).
 #![allow(dead_code)]
 
 pub mod collector;
 pub mod origin;
+pub mod process;
 pub mod proxy;
 pub mod raw;
+pub mod server;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,17 +25,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 #[allow(unused_imports)]
 pub use origin::{big_body, Origin, Recorded};
 #[allow(unused_imports)]
+pub use process::{eventually, free_port, Proc};
+#[allow(unused_imports)]
 pub use proxy::{closed_port, Proxy, Settings, HASHED_KEY, KEY, OTHER_KEY};
 #[allow(unused_imports)]
-pub use raw::{request, RawConn, RawResponse};
+pub use raw::{request, websocket_upgrade, RawConn, RawResponse};
 use serde_json::Value;
 
-/// The 43-byte transparent GIF every pixel answer carries.
-pub const PIXEL_GIF: [u8; 43] = [
-    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
-    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
-];
+/// The 43-byte transparent GIF every pixel answer carries: the crate's own constant.
+// The one place the tests name a path inside the crate for it: when the module moves, change
+// this line only.
+#[allow(unused_imports)]
+pub use postback_proxy::postback::reply::PIXEL_GIF;
 
 /// `Cache-Control` of every postback answer.
 pub const NO_CACHE: &str = "no-cache, no-store, must-revalidate";
@@ -32,17 +44,33 @@ pub const NO_CACHE: &str = "no-cache, no-store, must-revalidate";
 /// A client that follows no redirects and keeps no idle connections (a connection the proxy
 /// closes is never reused by accident; keep-alive is tested with [`RawConn`]).
 pub fn client() -> reqwest::Client {
-    // reqwest is built with `rustls-no-provider` (for the http sink); tests only speak plain
-    // HTTP but the builder wants a provider all the same.
-    static PROVIDER: std::sync::Once = std::sync::Once::new();
-    PROVIDER.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
+    client_builder().build().unwrap()
+}
+
+/// The builder of [`client`], to add to (a timeout, TLS roots).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    // reqwest is built with `rustls-no-provider` (for the http sink); the builder wants a
+    // provider installed, the one the proxy installs for itself. The one place the tests name
+    // this path inside the crate: when the module moves, change this line only.
+    postback_proxy::http::tls::install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+}
+
+/// An origin and the harness proxy in front of it, with the harness configuration.
+pub fn harness() -> (Origin, Proxy) {
+    origin_and_proxy(|_| {})
+}
+
+/// An origin and the harness proxy in front of it, its [`Settings`] changed by `configure`
+/// first.
+pub fn origin_and_proxy(configure: impl FnOnce(&mut Settings)) -> (Origin, Proxy) {
+    let origin = Origin::start();
+    let mut settings = Settings::new(origin.peer());
+    configure(&mut settings);
+    let proxy = Proxy::start_with(settings);
+    (origin, proxy)
 }
 
 /// UNIX seconds now.
@@ -93,6 +121,22 @@ impl Resp {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// Asserts the answer is `status` with a short `text/plain` body (the proxy's own error
+    /// answers: 502, 504).
+    pub fn assert_short_text(&self, status: u16) {
+        assert_eq!(self.status, status, "{:?}", self.text());
+        let ct = self.header("content-type").unwrap_or_default();
+        assert!(
+            ct.starts_with("text/plain"),
+            "Content-Type of the {status}: {ct:?}"
+        );
+        assert!(
+            !self.body.is_empty() && self.body.len() < 200,
+            "the {status} body should be a short text: {:?}",
+            self.text()
+        );
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
@@ -102,6 +146,13 @@ impl Resp {
 /// Sends `req` and reads the whole answer.
 pub async fn send(req: reqwest::RequestBuilder) -> Resp {
     Resp::from(req.send().await.expect("request to the proxy failed")).await
+}
+
+/// Asserts that `text` contains every one of `needles`; `what` names the text.
+pub fn assert_contains_all(text: &str, needles: &[&str], what: &str) {
+    for needle in needles {
+        assert!(text.contains(needle), "{what} lacks {needle:?}:\n{text}");
+    }
 }
 
 /// GET `url` with the given headers.

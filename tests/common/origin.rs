@@ -33,11 +33,11 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::server::{header_in, header_pairs, Server};
 
 /// One request as the origin received it.
 #[derive(Clone, Debug)]
@@ -56,10 +56,7 @@ pub struct Recorded {
 impl Recorded {
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        header_in(&self.headers, name)
     }
 
     /// Every value of header `name`, in order.
@@ -84,9 +81,9 @@ pub struct Origin {
     /// The plain HTTP address (also behind the TLS front, if any).
     pub addr: SocketAddr,
     state: Arc<State>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
     tls: Option<TlsFront>,
+    /// Declared last: stopped after the TLS front.
+    _server: Server,
 }
 
 /// A TLS listener that terminates TLS and relays each connection to the plain origin.
@@ -107,52 +104,18 @@ pub fn big_body(n: usize) -> Vec<u8> {
 impl Origin {
     /// Starts the origin on `127.0.0.1:0`.
     pub fn start() -> Origin {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind origin");
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
             requests: Mutex::new(Vec::new()),
             release: tokio::sync::Notify::new(),
             health: AtomicU16::new(200),
         });
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("origin-{}", addr.port()))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    loop {
-                        tokio::select! {
-                            _ = &mut stopped => break,
-                            accepted = listener.accept() => {
-                                let Ok((stream, _)) = accepted else { continue };
-                                let st = st.clone();
-                                tokio::spawn(async move {
-                                    let service = service_fn(move |req| handle(st.clone(), req));
-                                    let _ = http1::Builder::new()
-                                        .serve_connection(TokioIo::new(stream), service)
-                                        .with_upgrades()
-                                        .await;
-                                });
-                            }
-                        }
-                    }
-                });
-                rt.shutdown_timeout(Duration::from_millis(100));
-            })
-            .unwrap();
+        let server = Server::bind("origin", 0, move |req| handle(st.clone(), req));
         Origin {
-            addr,
+            addr: server.addr,
             state,
-            stop: Some(stop),
-            thread: Some(thread),
             tls: None,
+            _server: server,
         }
     }
 
@@ -277,12 +240,6 @@ impl Drop for Origin {
             if let Some(t) = front.thread.take() {
                 let _ = t.join();
             }
-        }
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -417,16 +374,7 @@ async fn handle(
         .uri()
         .path_and_query()
         .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_string());
-    let headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = header_pairs(req.headers());
     let index = {
         let mut all = state.requests.lock().unwrap();
         all.push(Recorded {

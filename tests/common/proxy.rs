@@ -2,10 +2,12 @@
 //! directory, listening on free loopback ports.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use super::process::{append, eventually, owns_listener, Proc};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -30,7 +32,7 @@ pub struct Settings {
     pub upstream: Vec<String>,
     /// `client_ip.trusted_proxies`.
     pub trusted_proxies: Vec<String>,
-    /// `postback.client_ip.anonymize`.
+    /// `client_ip.anonymize`.
     pub anonymize: bool,
     pub max_url_bytes: String,
     pub max_body_bytes: String,
@@ -82,22 +84,25 @@ pub struct TestPki {
     pub server: TlsFiles,
 }
 
+/// Runs `openssl ARGS` in `dir`; panics with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (is it installed?)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl TestPki {
     /// Creates the files in `dir`.
     pub fn create(dir: &Path) -> TestPki {
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .output()
-                .expect("run openssl (is it installed?)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let openssl = |args: &[&str]| openssl(dir, args);
         openssl(&[
             "req",
             "-x509",
@@ -188,6 +193,15 @@ impl Settings {
         }
     }
 
+    /// The harness configuration in front of every one of `origins`, in order.
+    pub fn for_origins(origins: &[&super::Origin]) -> Settings {
+        let mut settings = Settings::new(origins[0].peer());
+        settings
+            .upstream
+            .extend(origins[1..].iter().map(|o| o.peer()));
+        settings
+    }
+
     /// The YAML text of the configuration (without the TLS listener).
     pub fn yaml(&self, dir: &Path, port: u16, admin_port: u16) -> String {
         self.yaml_with_tls(dir, port, admin_port, None)
@@ -232,13 +246,7 @@ impl Settings {
             (Some(_), None) => panic!("a TLS listener needs a port: use yaml_with_tls"),
         };
         format!(
-            r#"server:
-  threads: 2
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 2
-  upgrade_sock: {dir}/upgrade.sock
-  pid_file: {dir}/proxy.pid
-
+            r#"{server}
 listen:
   - address: 127.0.0.1:{port}
 {tls_listen}
@@ -293,6 +301,7 @@ delivery:
   batch: {{ max_records: {batch_records}, max_wait: {max_wait} }}
   retry: {{ initial: 50ms, max: 500ms }}
 {delivery_extra}"#,
+            server = server_yaml(dir),
             dir = dir.display(),
             upstream = list(&self.upstream),
             trusted = list(&self.trusted_proxies),
@@ -311,55 +320,102 @@ delivery:
     }
 }
 
-/// A port that nothing listens on right now, outside the kernel's ephemeral range (so origins
-/// and clients, which bind port 0, do not take it in the meantime).
-pub fn free_port() -> u16 {
-    for _ in 0..200 {
-        let port = fastrand::u16(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port found");
-}
+pub use super::process::free_port;
 
 /// A loopback port with nothing listening on it (bound, then released).
 pub fn closed_port() -> u16 {
     free_port()
 }
 
-/// `true` when process `pid` holds the socket listening on `127.0.0.1:port` (Linux `/proc`), so
-/// we are talking to our own proxy, not to another test's.
-fn owns_listener(pid: u32, port: u16) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
-        // Not Linux: fall back to trusting the connect.
-        return true;
-    };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
-        })
-        .collect();
-    if inodes.is_empty() {
-        return false;
-    }
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        fs::read_link(fd.path()).is_ok_and(|target| {
-            let t = target.to_string_lossy();
-            inodes.iter().any(|i| t == format!("socket:[{i}]"))
-        })
-    })
+/// The `server:` section every test configuration starts with: two threads, short grace
+/// periods, the upgrade socket and pid file in `dir`.
+pub fn server_yaml(dir: &Path) -> String {
+    format!(
+        "server:
+  threads: 2
+  grace_period_seconds: 1
+  graceful_shutdown_timeout_seconds: 2
+  upgrade_sock: {dir}/upgrade.sock
+  pid_file: {dir}/proxy.pid
+",
+        dir = dir.display()
+    )
+}
+
+/// The `auth:` section with one write key, `key`, for the database `web`.
+pub fn web_key_yaml(key: &str) -> String {
+    format!("auth:\n  write_keys:\n    - key: \"{key}\"\n      databases: [\"web\"]\n")
+}
+
+/// A small configuration for a sink's end-to-end test: the server section, one listener on
+/// `port`, `127.0.0.1:{upstream}` as the only peer, `key` for the database `web`, `sink` as the
+/// YAML of `sinks.main` (its lines indented by 4) and a disk buffer in `{dir}/buffer`, retried
+/// from 50 ms up to `retry_max`.
+pub fn sink_test_yaml(
+    dir: &Path,
+    port: u16,
+    upstream: u16,
+    key: &str,
+    sink: &str,
+    retry_max: &str,
+) -> String {
+    format!(
+        r#"{server}
+listen:
+  - address: 127.0.0.1:{port}
+
+upstream:
+  peers: ["127.0.0.1:{upstream}"]
+
+{auth}
+sinks:
+  main:
+{sink}
+delivery:
+  buffer: disk
+  dir: {dir}/buffer
+  batch: {{ max_wait: 10ms }}
+  retry: {{ initial: 50ms, max: {retry_max} }}
+"#,
+        server = server_yaml(dir),
+        auth = web_key_yaml(key),
+        dir = dir.display(),
+    )
+}
+
+/// Appends a torn frame (a length of 500, then 40 bytes) to the newest segment holding records
+/// in `spool`, a sink's folder of the disk buffer: what a crash in mid-write leaves.
+pub fn tear_newest_segment(spool: &Path) {
+    let newest = fs::read_dir(spool)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| fs::metadata(p).unwrap().len() > 0)
+        .max()
+        .expect("a segment with records");
+    let mut torn = 500u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0xAB; 40]);
+    let mut file = fs::OpenOptions::new().append(true).open(&newest).unwrap();
+    std::io::Write::write_all(&mut file, &torn).unwrap();
+}
+
+/// Runs `postback-proxy <flag> FILE --check` in `cwd`: the output, its stdout and its stderr.
+pub fn check(flag: &str, file: &Path, cwd: &Path) -> (Output, String, String) {
+    let out = Command::new(binary())
+        .arg(flag)
+        .arg(file)
+        .arg("--check")
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run postback-proxy --check");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
 }
 
 /// Starts the binary with `-c config` and `args`, in `work`, its stderr and stdout appended to
-/// the files `stderr` and `stdout` there. Returns the child and the stderr path.
+/// the files `stderr` and `stdout` there.
 fn spawn_binary(
     work: &Path,
     config: &Path,
@@ -367,14 +423,7 @@ fn spawn_binary(
     stderr: &str,
     stdout: &str,
     env: &[(String, String)],
-) -> (Child, PathBuf) {
-    let log = |name: &str| {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(work.join(name))
-            .unwrap()
-    };
+) -> Proc {
     let child = Command::new(binary())
         .arg("-c")
         .arg(config)
@@ -383,11 +432,11 @@ fn spawn_binary(
         .env("RUST_LOG", "info")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(log(stdout))
-        .stderr(log(stderr))
+        .stdout(append(&work.join(stdout)))
+        .stderr(append(&work.join(stderr)))
         .spawn()
         .expect("spawn postback-proxy");
-    (child, work.join(stderr))
+    Proc::adopt("postback-proxy", child, work.join(stderr))
 }
 
 /// A running proxy; killed when dropped.
@@ -404,12 +453,10 @@ pub struct Proxy {
     /// The working directory of the process (`dir`, or the first instance's for
     /// [`Proxy::start_upgrade`]).
     work: PathBuf,
-    /// Where the process's stderr goes.
-    stderr_path: PathBuf,
     /// Extra environment of the process.
     env: Vec<(String, String)>,
-    child: Child,
-    exited: Option<ExitStatus>,
+    /// The process; its log is its stderr.
+    proc: Proc,
 }
 
 /// The ports a configuration is written for.
@@ -505,8 +552,7 @@ impl Proxy {
             fs::write(&config_path, yaml(dir.path(), &ports)).unwrap();
             let events = events(dir.path());
             let work = dir.path().to_path_buf();
-            let (child, stderr_path) =
-                spawn_binary(&work, &config_path, &[], "stderr.log", "stdout.log", env);
+            let proc = spawn_binary(&work, &config_path, &[], "stderr.log", "stdout.log", env);
             let mut proxy = Proxy {
                 dir,
                 port,
@@ -515,10 +561,8 @@ impl Proxy {
                 events,
                 config_path,
                 work,
-                stderr_path,
                 env: env.to_vec(),
-                child,
-                exited: None,
+                proc,
             };
             match proxy.wait_listening() {
                 Ok(()) => return proxy,
@@ -534,39 +578,12 @@ impl Proxy {
     }
 
     fn wait_listening(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let pid = self.child.id();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.exited = Some(status);
-                return Err(format!(
-                    "exited with {status} before listening; stderr:\n{}",
-                    self.stderr()
-                ));
-            }
-            let ready = |port: u16| {
-                owns_listener(pid, port)
-                    && TcpStream::connect_timeout(
-                        &SocketAddr::from(([127, 0, 0, 1], port)),
-                        Duration::from_secs(1),
-                    )
-                    .is_ok()
-            };
-            if ready(self.port)
-                && (self.admin_port == 0 || ready(self.admin_port))
-                && (self.tls_port == 0 || ready(self.tls_port))
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "not listening on {} after 20 s; stderr:\n{}",
-                    self.port,
-                    self.stderr()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ports: Vec<u16> = [self.port, self.admin_port, self.tls_port]
+            .into_iter()
+            .filter(|&p| p != 0)
+            .collect();
+        self.proc
+            .try_wait_listening(&ports, Duration::from_secs(20))
     }
 
     /// `127.0.0.1:PORT` of the proxy listener.
@@ -577,6 +594,11 @@ impl Proxy {
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// GET `path` on the proxy listener, without extra headers.
+    pub async fn get(&self, path: &str) -> super::Resp {
+        super::get(&self.url(path), &[]).await
     }
 
     /// `https://127.0.0.1:TLS_PORT{path}`: the TLS listener.
@@ -590,7 +612,7 @@ impl Proxy {
     /// once this one gets SIGQUIT. Returns at once (the new process binds nothing by itself);
     /// see [`Proxy::wait_upgrade_sock`]. Its stderr goes to `stderr-upgrade.log`.
     pub fn start_upgrade(&self) -> Proxy {
-        let (child, stderr_path) = spawn_binary(
+        let proc = spawn_binary(
             &self.work,
             &self.config_path,
             &["--upgrade"],
@@ -606,10 +628,8 @@ impl Proxy {
             events: self.events.clone(),
             config_path: self.config_path.clone(),
             work: self.work.clone(),
-            stderr_path,
             env: self.env.clone(),
-            child,
-            exited: None,
+            proc,
         }
     }
 
@@ -624,8 +644,7 @@ impl Proxy {
         use std::os::unix::fs::FileTypeExt;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.exited = Some(status);
+            if let Some(status) = self.proc.exited() {
                 panic!(
                     "the new process exited with {status} before taking over; stderr:\n{}",
                     self.stderr()
@@ -647,21 +666,12 @@ impl Proxy {
 
     /// `true` when this process holds the listening socket of `port` (Linux `/proc`).
     pub fn owns_listener(&self, port: u16) -> bool {
-        owns_listener(self.child.id(), port)
+        owns_listener(self.proc.pid(), port)
     }
 
     /// `true` while the process runs.
     pub fn running(&mut self) -> bool {
-        if self.exited.is_some() {
-            return false;
-        }
-        match self.child.try_wait().unwrap() {
-            Some(status) => {
-                self.exited = Some(status);
-                false
-            }
-            None => true,
-        }
+        self.proc.running()
     }
 
     /// `http://127.0.0.1:ADMIN_PORT{path}`.
@@ -671,7 +681,21 @@ impl Proxy {
 
     /// The proxy's stderr so far.
     pub fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        self.proc.log()
+    }
+
+    /// Waits (up to `limit`) until the proxy's stderr contains `text`; panics if it does not.
+    pub fn wait_log(&self, text: &str, limit: Duration) {
+        assert!(
+            eventually(limit, || self.stderr().contains(text)),
+            "no `{text}` in the log after {limit:?}:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// `{dir}/rejected.jsonl` of the harness's buffer directory, as it is now (empty if absent).
+    pub fn rejected(&self) -> String {
+        fs::read_to_string(self.dir.path().join("buffer/rejected.jsonl")).unwrap_or_default()
     }
 
     /// The records in the file sink right now (whole lines only).
@@ -748,30 +772,40 @@ impl Proxy {
         }
     }
 
+    /// Sends the marker postback ([`Proxy::records_until_marker`]) and asserts that no record
+    /// came before it: `what` (the requests sent so far) left none.
+    pub async fn assert_no_records_before_marker(&self, what: &str) {
+        let records = self.records_until_marker().await;
+        assert!(records.is_empty(), "{what} left records: {records:#?}");
+    }
+
+    /// The admin listener's `/metrics` text (asserting it answers 200).
+    pub async fn metrics(&self) -> String {
+        let r = super::get(&self.admin_url("/metrics"), &[]).await;
+        assert_eq!(r.status, 200, "/metrics: {}", r.text());
+        r.text()
+    }
+
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
-        }
+        self.proc.kill();
     }
 
     /// The temporary directory (configuration, sink file, buffer), to start another proxy in it
     /// with [`Proxy::start_in`]. Call after the process exited.
     pub fn take_dir(&mut self) -> tempfile::TempDir {
-        assert!(self.exited.is_some(), "take_dir on a running proxy");
+        assert!(self.proc.exited().is_some(), "take_dir on a running proxy");
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) {
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.child.id());
+        self.proc.signal(signal);
     }
 
     /// Sends SIGTERM.
@@ -781,32 +815,6 @@ impl Proxy {
 
     /// Waits up to `limit` for the process to exit; panics (with stderr) if it does not.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        if let Some(s) = self.exited {
-            return s;
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.exited = Some(status);
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "the proxy did not exit within {limit:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.proc.wait_exit(limit)
     }
 }

@@ -17,10 +17,7 @@ pub struct RawResponse {
 impl RawResponse {
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        super::server::header_in(&self.headers, name)
     }
 
     /// The body as text.
@@ -223,4 +220,20 @@ pub fn request(method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(body);
     bytes
+}
+
+/// A WebSocket upgrade request (`GET target` with `Connection: Upgrade`, `Upgrade: websocket`
+/// and the RFC 6455 sample key).
+pub fn websocket_upgrade(target: &str) -> Vec<u8> {
+    request(
+        "GET",
+        target,
+        &[
+            "Connection: Upgrade",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ],
+        b"",
+    )
 }

@@ -123,6 +123,36 @@ fn record(database: &str, table: &str, time: i64, columns: &[(&str, &str)]) -> V
     json!({"database": database, "table": table, "record": rec})
 }
 
+/// The answer lets the configured origin `https://www.example.com` read it, with credentials.
+fn assert_cors_allowed(r: &Resp) {
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("https://www.example.com")
+    );
+    assert_eq!(
+        r.header("access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+}
+
+/// The only record before the marker is one of `web.{table}` with `columns`, received since
+/// `before`.
+async fn assert_one_record(proxy: &Proxy, before: i64, table: &str, columns: &[(&str, &str)]) {
+    let records = proxy.records_until_marker().await;
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let t = time_of(&records[0], before, now());
+    assert_eq!(records[0], record("web", table, t, columns));
+}
+
+/// `records` are two records of `web.clicks`, `c=1` then `c=2`, received since `before`.
+fn assert_two_clicks(records: &[Value], before: i64) {
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let t0 = time_of(&records[0], before, now());
+    let t1 = time_of(&records[1], before, now());
+    assert_eq!(records[0], record("web", "clicks", t0, &[("c", "1")]));
+    assert_eq!(records[1], record("web", "clicks", t1, &[("c", "2")]));
+}
+
 /// Every column of every record is a string (SPEC 4), and `time` is an integer.
 fn assert_shape(records: &[Value]) {
     for r in records {
@@ -151,8 +181,7 @@ fn key_q() -> String {
 
 #[tokio::test]
 async fn get_pixel_records_query_columns_placeholders_and_sets_the_cookie() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = get(
         &proxy.url(&format!(
@@ -195,8 +224,7 @@ async fn get_pixel_records_query_columns_placeholders_and_sets_the_cookie() {
 
 #[tokio::test]
 async fn get_defaults_to_json_and_uses_the_existing_cookie() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = get(
         &proxy.url(&format!(
@@ -239,8 +267,7 @@ async fn get_defaults_to_json_and_uses_the_existing_cookie() {
 
 #[tokio::test]
 async fn head_answers_headers_without_a_body_and_records() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let r =
         send(client().head(proxy.url(&format!("{EV}/web/heads?{}&td_format=pixel&h=1", key_q()))))
             .await;
@@ -278,8 +305,7 @@ async fn head_answers_headers_without_a_body_and_records() {
 
 #[tokio::test]
 async fn fixed_database_route_with_pixel_default() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let before = now();
     let r = get(&proxy.url(&format!("/px/clicks.gif?{}&c=1", key_q())), &[]).await;
     assert_pixel(&r);
@@ -297,12 +323,7 @@ async fn fixed_database_route_with_pixel_default() {
     assert_eq!(r.header("x-origin").as_deref(), Some("yes"));
     origin.request_to(&format!("/px/clicks.png?{}", key_q()));
 
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 2, "{records:#?}");
-    let t0 = time_of(&records[0], before, now());
-    let t1 = time_of(&records[1], before, now());
-    assert_eq!(records[0], record("web", "clicks", t0, &[("c", "1")]));
-    assert_eq!(records[1], record("web", "clicks", t1, &[("c", "2")]));
+    assert_two_clicks(&proxy.records_until_marker().await, before);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,8 +332,7 @@ async fn fixed_database_route_with_pixel_default() {
 
 #[tokio::test]
 async fn post_json_object_keeps_nested_values_as_json_text() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let body = r#"{"page":"/a","n":3,"f":1.5,"ok":true,"nested":{"x":[1,"y"]},"list":[1,2],"s":"he said \"hi\"\n","we\"ird\u0001":"\u0000<\/script>","td_write_key":"body-key-never-a-column"}"#;
     let r = send(
@@ -360,8 +380,7 @@ async fn post_json_object_keeps_nested_values_as_json_text() {
 
 #[tokio::test]
 async fn post_body_that_is_not_a_json_object_is_400_and_records_nothing() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for body in ["[1]", "\"s\"", "{", "12", "null", ""] {
         let r = send(
             client()
@@ -394,17 +413,14 @@ async fn post_body_that_is_not_a_json_object_is_400_and_records_nothing() {
     )
     .await;
     assert_error(&r, 415, "unsupported_media_type");
-    let records = proxy.records_until_marker().await;
-    assert!(
-        records.is_empty(),
-        "refused requests left records: {records:#?}"
-    );
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 #[tokio::test]
 async fn post_json_takes_the_key_from_the_query_when_no_header_gives_one() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let url = proxy.url(&format!("{EV}/web/json_q?{}", key_q()));
     let post = |body: &'static str| {
         client()
@@ -423,8 +439,7 @@ async fn post_json_takes_the_key_from_the_query_when_no_header_gives_one() {
 
 #[tokio::test]
 async fn post_form_is_read_as_a_query_string() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = send(
         client()
@@ -439,24 +454,18 @@ async fn post_form_is_read_as_a_query_string() {
     )
     .await;
     assert_pixel(&r);
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 1, "{records:#?}");
-    let t = time_of(&records[0], before, now());
-    assert_eq!(
-        records[0],
-        record(
-            "web",
-            "forms",
-            t,
-            &[("page", "/b c"), ("td_ip", "127.0.0.1"), ("n", "€")]
-        )
-    );
+    assert_one_record(
+        &proxy,
+        before,
+        "forms",
+        &[("page", "/b c"), ("td_ip", "127.0.0.1"), ("n", "€")],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn post_td_js_sdk_batch_gives_one_record_per_event() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let earlier = before - 3600;
     let body = format!(
@@ -516,8 +525,7 @@ async fn post_td_js_sdk_batch_gives_one_record_per_event() {
 
 #[tokio::test]
 async fn options_preflight_for_allowed_and_refused_origins() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let url = proxy.url(&format!("{EV}/web/cors"));
     let r = send(
         client()
@@ -533,14 +541,7 @@ async fn options_preflight_for_allowed_and_refused_origins() {
     assert_eq!(r.status, 204, "body: {:?}", r.text());
     assert!(r.body.is_empty());
     assert_no_cache(&r);
-    assert_eq!(
-        r.header("access-control-allow-origin").as_deref(),
-        Some("https://www.example.com")
-    );
-    assert_eq!(
-        r.header("access-control-allow-credentials").as_deref(),
-        Some("true")
-    );
+    assert_cors_allowed(&r);
     let methods = r.header("access-control-allow-methods").unwrap_or_default();
     assert!(methods.contains("POST"), "Allow-Methods: {methods:?}");
     let allowed = r
@@ -572,14 +573,7 @@ async fn options_preflight_for_allowed_and_refused_origins() {
     };
     let r = send(post("https://www.example.com")).await;
     assert_json_ok(&r);
-    assert_eq!(
-        r.header("access-control-allow-origin").as_deref(),
-        Some("https://www.example.com")
-    );
-    assert_eq!(
-        r.header("access-control-allow-credentials").as_deref(),
-        Some("true")
-    );
+    assert_cors_allowed(&r);
     let r = send(post("https://evil.example.net")).await;
     assert_json_ok(&r);
     assert!(r.header("access-control-allow-origin").is_none());
@@ -591,8 +585,7 @@ async fn options_preflight_for_allowed_and_refused_origins() {
 
 #[tokio::test]
 async fn other_methods_are_405_with_allow() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let url = proxy.url(&format!("{EV}/web/methods?{}&m=1", key_q()));
     for method in ["PUT", "DELETE", "PATCH"] {
         let r = send(
@@ -619,8 +612,9 @@ async fn other_methods_are_405_with_allow() {
         );
     }
     assert!(origin.requests().is_empty(), "405s went upstream");
-    let records = proxy.records_until_marker().await;
-    assert!(records.is_empty(), "{records:#?}");
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -629,8 +623,7 @@ async fn other_methods_are_405_with_allow() {
 
 #[tokio::test]
 async fn bad_database_or_table_names_are_400() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let long = "t".repeat(256);
     for path in [
         format!("{EV}/web-site/t"),
@@ -658,8 +651,7 @@ async fn bad_database_or_table_names_are_400() {
 
 #[tokio::test]
 async fn paths_with_other_segment_counts_go_upstream() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     for path in [
         format!("{EV}/a?{}&x=1", key_q()),
         format!("{EV}/web/t/extra?{}", key_q()),
@@ -672,14 +664,14 @@ async fn paths_with_other_segment_counts_go_upstream() {
         assert_eq!(r.json()["uri"], path.as_str());
         origin.request_to(&path);
     }
-    let records = proxy.records_until_marker().await;
-    assert!(records.is_empty(), "{records:#?}");
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 #[tokio::test]
 async fn bad_td_format_and_bad_encoding_are_400() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for query in [
         format!("{}&td_format=png", key_q()),
         format!("{}&td_format=PIXEL", key_q()),
@@ -714,8 +706,9 @@ async fn bad_td_format_and_bad_encoding_are_400() {
     )
     .await;
     assert_error(&r, 400, "bad_request");
-    let records = proxy.records_until_marker().await;
-    assert!(records.is_empty(), "{records:#?}");
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,8 +729,7 @@ fn enc(s: &str) -> String {
 
 #[tokio::test]
 async fn redirect_to_an_allowed_host_substitutes_the_global_id() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let target = "https://example.com/land?uid=td_global_id&x=1";
     let r = get(
@@ -776,18 +768,12 @@ async fn redirect_to_an_allowed_host_substitutes_the_global_id() {
         Some(format!("https://shop.example.com/p?gid={id}"))
     );
 
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 2, "{records:#?}");
-    let t0 = time_of(&records[0], before, now());
-    let t1 = time_of(&records[1], before, now());
-    assert_eq!(records[0], record("web", "clicks", t0, &[("c", "1")]));
-    assert_eq!(records[1], record("web", "clicks", t1, &[("c", "2")]));
+    assert_two_clicks(&proxy.records_until_marker().await, before);
 }
 
 #[tokio::test]
 async fn redirect_to_other_targets_is_400_and_records_nothing() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     for target in [
         "https://evil.com/",
         "https://example.com.evil.com/",
@@ -814,11 +800,9 @@ async fn redirect_to_other_targets_is_400_and_records_nothing() {
         assert_error(&r, 400, "bad_request");
         assert!(r.header("location").is_none(), "{target}: Location given");
     }
-    let records = proxy.records_until_marker().await;
-    assert!(
-        records.is_empty(),
-        "refused redirects left records: {records:#?}"
-    );
+    proxy
+        .assert_no_records_before_marker("refused redirects")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -827,8 +811,7 @@ async fn redirect_to_other_targets_is_400_and_records_nothing() {
 
 #[tokio::test]
 async fn missing_unknown_or_unauthorized_keys_are_403_and_never_echoed() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let wrong = "1/0123456789abcdef0123456789WRONGKEY";
     // (path, headers, a secret the answer must not echo)
     type Case<'a> = (String, Vec<(&'a str, String)>, Option<&'a str>);
@@ -896,17 +879,14 @@ async fn missing_unknown_or_unauthorized_keys_are_403_and_never_echoed() {
             }
         }
     }
-    let records = proxy.records_until_marker().await;
-    assert!(
-        records.is_empty(),
-        "refused requests left records: {records:#?}"
-    );
+    proxy
+        .assert_no_records_before_marker("refused requests")
+        .await;
 }
 
 #[tokio::test]
 async fn keys_in_headers_globbed_databases_and_hashed_keys_are_accepted() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let wrong = "not-a-key";
     let cases: Vec<(String, Vec<(&str, String)>)> = vec![
         (
@@ -983,8 +963,7 @@ async fn keys_in_headers_globbed_databases_and_hashed_keys_are_accepted() {
 
 #[tokio::test]
 async fn td_record_time_inside_and_outside_the_window() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let base = now();
     let day = 86_400;
     let cases: Vec<(String, Option<i64>)> = vec![
@@ -1029,8 +1008,7 @@ async fn td_record_time_inside_and_outside_the_window() {
 
 #[tokio::test]
 async fn time_param_repeats_empty_names_and_plain_placeholder_values() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let before = now();
     let r = get(
         &proxy.url(&format!(
@@ -1045,30 +1023,24 @@ async fn time_param_repeats_empty_names_and_plain_placeholder_values() {
     )
     .await;
     assert_json_ok(&r);
-    let records = proxy.records_until_marker().await;
-    assert_eq!(records.len(), 1, "{records:#?}");
-    let t = time_of(&records[0], before, now());
-    assert_eq!(
-        records[0],
-        record(
-            "web",
-            "params",
-            t,
-            &[
-                ("a", "2"),
-                ("b", "x=y"),
-                ("td_ip", "1.2.3.4"),
-                ("td_ua", "custom-ua"),
-                ("td_global_id", "gid-literal"),
-            ]
-        )
-    );
+    assert_one_record(
+        &proxy,
+        before,
+        "params",
+        &[
+            ("a", "2"),
+            ("b", "x=y"),
+            ("td_ip", "1.2.3.4"),
+            ("td_ua", "custom-ua"),
+            ("td_global_id", "gid-literal"),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn td_ip_is_the_rightmost_untrusted_forwarded_address_from_a_trusted_peer() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec![], "127.0.0.1"),
         (vec!["198.51.100.1, 203.0.113.7"], "203.0.113.7"),
@@ -1091,10 +1063,9 @@ async fn td_ip_is_the_rightmost_untrusted_forwarded_address_from_a_trusted_peer(
 
 #[tokio::test]
 async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.trusted_proxies = vec!["10.0.0.0/8".into()];
-    let proxy = Proxy::start_with(settings);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        s.trusted_proxies = vec!["10.0.0.0/8".into()];
+    });
     let r = get(
         &proxy.url(&format!("{EV}/web/ips?{}&td_ip=td_ip", key_q())),
         &[("x-forwarded-for", "203.0.113.7")],
@@ -1108,10 +1079,9 @@ async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test]
 async fn anonymize_zeroes_the_last_octet() {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    settings.anonymize = true;
-    let proxy = Proxy::start_with(settings);
+    let (_origin, proxy) = origin_and_proxy(|s| {
+        s.anonymize = true;
+    });
     for (i, xff) in ["203.0.113.77", ""].iter().enumerate() {
         let mut req =
             client().get(proxy.url(&format!("{EV}/web/anon?{}&i={i}&td_ip=td_ip", key_q())));
@@ -1193,8 +1163,7 @@ async fn global_id_cookie_and_time_window_settings() {
 
 #[tokio::test]
 async fn url_over_max_url_bytes_is_414() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // max_url_bytes: 4KiB
+    let (origin, proxy) = harness(); // max_url_bytes: 4KiB
     let prefix = format!("{EV}/web/long?{}&n=1&pad=", key_q());
     let exact = format!("{prefix}{}", "x".repeat(4096 - prefix.len()));
     assert_eq!(exact.len(), 4096);
@@ -1211,8 +1180,7 @@ async fn url_over_max_url_bytes_is_414() {
 
 #[tokio::test]
 async fn body_over_max_body_bytes_is_413() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // max_body_bytes: 64KiB
+    let (_origin, proxy) = harness(); // max_body_bytes: 64KiB
     let limit = 64 * 1024;
     // Exactly at the limit: accepted.
     let head = r#"{"n":"1","pad":""#;
@@ -1281,8 +1249,7 @@ async fn body_over_max_body_bytes_is_413() {
 
 #[tokio::test]
 async fn more_than_max_columns_is_413() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer()); // max_columns: 20
+    let (_origin, proxy) = harness(); // max_columns: 20
     let cols = |n: usize| -> String { (0..n).map(|i| format!("&c{i:02}=v")).collect() };
     let r = get(
         &proxy.url(&format!("{EV}/web/cols?{}{}", key_q(), cols(20))),
@@ -1417,8 +1384,7 @@ async fn full_queue_with_when_full_drop_answers_as_usual_and_counts_drops() {
 
 #[tokio::test]
 async fn early_answers_keep_the_connection_alive() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (origin, proxy) = harness();
     let k = key_q();
     let key_header = format!("X-TD-Write-Key: {KEY}");
     let many_cols: String = (0..21).map(|i| format!("&c{i}=v")).collect();
@@ -1580,12 +1546,11 @@ async fn early_answers_keep_the_connection_alive() {
 // ---------------------------------------------------------------------------------------------
 
 async fn accepted_then_signal(signal: i32) {
-    let origin = Origin::start();
-    let mut settings = Settings::new(origin.peer());
-    // Records wait in the queue for a batch: only the shutdown drain can write them.
-    settings.batch_max_wait = "60s".into();
-    settings.batch_max_records = 1000;
-    let mut proxy = Proxy::start_with(settings);
+    let (_origin, mut proxy) = origin_and_proxy(|s| {
+        // Records wait in the queue for a batch: only the shutdown drain can write them.
+        s.batch_max_wait = "60s".into();
+        s.batch_max_records = 1000;
+    });
     let n = 40;
     let mut tasks = Vec::new();
     for i in 0..n {

@@ -225,13 +225,11 @@ async fn a_minimal_configuration_gets_the_default_route_and_sink() {
         false,
         |dir| dir.join("data/events.jsonl"),
     );
-    let r = get(
-        &proxy.url(&format!(
+    let r = proxy
+        .get(&format!(
             "/postback/v3/event/anydb/t?td_write_key={KEY}&a=1"
-        )),
-        &[],
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.text());
     assert_eq!(r.body, b"{}", "the default format is json");
     // Only the Treasure Data route: /px/... goes upstream.
@@ -267,8 +265,7 @@ async fn without_write_keys_every_postback_is_refused() {
 
 #[tokio::test]
 async fn admin_listener_answers_health_readiness_and_metrics() {
-    let origin = Origin::start();
-    let proxy = Proxy::start(origin.peer());
+    let (_origin, proxy) = harness();
     let r = get(&proxy.admin_url("/healthz"), &[]).await;
     assert_eq!(r.status, 200);
     let r = get(&proxy.admin_url("/readyz"), &[]).await;
@@ -284,14 +281,13 @@ async fn admin_listener_answers_health_readiness_and_metrics() {
     let metrics = get(&proxy.admin_url("/metrics"), &[]).await;
     assert_eq!(metrics.status, 200);
     let text = metrics.text();
-    for name in [
+    let names = [
         "postback_requests_total{",
         "postback_records_total{",
         "delivery_queue_records",
         "upstream_responses_total{",
-    ] {
-        assert!(text.contains(name), "/metrics lacks {name}:\n{text}");
-    }
+    ];
+    assert_contains_all(&text, &names, "/metrics");
     // The admin endpoints are not on the public listener.
     let r = get(&proxy.url("/metrics"), &[]).await;
     assert_eq!(r.header("x-origin").as_deref(), Some("yes"));

@@ -9,13 +9,16 @@
 //! tansu does not create topics on its own (a Metadata request for a missing topic answers
 //! `UNKNOWN_TOPIC_OR_PARTITION`), so the tests create theirs with `tansu topic create`.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::{listening, Proc};
+use common::proxy::{check, sink_test_yaml};
+use common::{closed_port, eventually, free_port, Proxy};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -42,82 +45,6 @@ fn tansu_bin() -> PathBuf {
     path
 }
 
-/// A loopback port nothing listens on now, outside the ephemeral range (so that clients, which
-/// bind port 0, do not take it in the meantime).
-fn free_port() -> u16 {
-    for _ in 0..500 {
-        let port = fastrand::u16(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port found");
-}
-
-fn listening(port: u16) -> bool {
-    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
-}
-
-/// A child process, killed and reaped when dropped.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Proc {
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name, child, log }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `port` accepts connections; panics (with the log) if the process exits or
-    /// 30 s pass.
-    fn wait_listening(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before listening:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            if listening(port) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} does not listen on {port} after 30 s:\n{}",
-                self.name,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A tansu broker on `127.0.0.1:port`, in memory.
 struct Tansu {
     proc: Proc,
@@ -130,7 +57,7 @@ impl Tansu {
         let bin = tansu_bin();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
-        let mut proc = Proc::spawn(
+        let mut proc = Proc::start(
             "tansu",
             Command::new(bin)
                 .arg("broker")
@@ -141,7 +68,7 @@ impl Tansu {
                 .env("RUST_LOG", "warn"),
             dir.path().join("tansu.log"),
         );
-        proc.wait_listening(port);
+        proc.wait_listening(port, Duration::from_secs(30));
         Tansu {
             proc,
             port,
@@ -155,116 +82,50 @@ impl Tansu {
 
     /// `tansu topic create`, waited for (30 s at most).
     fn create_topic(&self, name: &str, partitions: u32) {
-        let mut child = Command::new(tansu_bin())
-            .args(["topic", "create", name])
-            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
-            .args(["--partitions", &partitions.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tansu topic create");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("tansu topic create {name} did not finish in 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let out = child.wait_with_output().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("topic-create.log");
+        let status = Proc::start(
+            "tansu topic create",
+            Command::new(tansu_bin())
+                .args(["topic", "create", name])
+                .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+                .args(["--partitions", &partitions.to_string()]),
+            log.clone(),
+        )
+        .wait_exit(Duration::from_secs(30));
         assert!(
             status.success(),
-            "tansu topic create {name}: {status}\n{}\n{}\nbroker log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
+            "tansu topic create {name}: {status}\n{}\nbroker log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
             self.proc.log()
         );
     }
 }
 
-/// The real proxy with a Kafka sink; its working directory is a temporary directory.
-struct Proxy {
-    proc: Proc,
-    port: u16,
-    dir: tempfile::TempDir,
+/// The YAML of the proxy with the sink `main` producing to `brokers`; `sink_extra` is more YAML
+/// for the sink (`key: value` lines, indented by 4).
+fn kafka_yaml(dir: &Path, port: u16, brokers: &str, sink_extra: &str) -> String {
+    let sink = format!(
+        "    type: kafka\n    brokers: [\"{brokers}\"]\n    topic: \"{{database}}.{{table}}\"\n    \
+         timeout: 5s\n{sink_extra}"
+    );
+    sink_test_yaml(dir, port, closed_port(), KEY, &sink, "1s")
 }
 
-impl Proxy {
-    /// Starts the binary with the sink `main` producing to `brokers`; `sink_extra` is more
-    /// YAML for the sink (`key: value` lines, indented by 4).
-    fn start(brokers: &str, sink_extra: &str) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let closed = free_port();
-        let d = dir.path().display();
-        let yaml = format!(
-            r#"server:
-  threads: 2
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 2
-  upgrade_sock: {d}/upgrade.sock
-  pid_file: {d}/proxy.pid
-
-listen:
-  - address: 127.0.0.1:{port}
-
-upstream:
-  peers: ["127.0.0.1:{closed}"]
-
-auth:
-  write_keys:
-    - key: "{KEY}"
-      databases: ["web"]
-
-sinks:
-  main:
-    type: kafka
-    brokers: ["{brokers}"]
-    topic: "{{database}}.{{table}}"
-    timeout: 5s
-{sink_extra}
-delivery:
-  buffer: disk
-  dir: {d}/buffer
-  batch: {{ max_wait: 10ms }}
-  retry: {{ initial: 50ms, max: 1s }}
-"#
-        );
-        let config = dir.path().join("postback-proxy.yaml");
-        fs::write(&config, yaml).unwrap();
-        let check = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-            .arg("-c")
-            .arg(&config)
-            .arg("--check")
-            .output()
-            .unwrap();
-        assert!(
-            check.status.success(),
-            "--check refuses the configuration: {}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-        let mut proc = Proc::spawn(
-            "postback-proxy",
-            Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-                .arg("-c")
-                .arg(&config)
-                .current_dir(dir.path())
-                .env("RUST_LOG", "info"),
-            dir.path().join("proxy.log"),
-        );
-        proc.wait_listening(port);
-        Proxy { proc, port, dir }
-    }
-
-    fn rejected(&self) -> String {
-        fs::read_to_string(self.dir.path().join("buffer/rejected.jsonl")).unwrap_or_default()
-    }
+/// Starts the real proxy (the harness's, with its port retry) with a Kafka sink, after
+/// `--check` accepted its configuration.
+fn start_proxy(brokers: &str, sink_extra: &str) -> Proxy {
+    let proxy = Proxy::start_yaml(
+        |dir, port, _admin| kafka_yaml(dir, port, brokers, sink_extra),
+        false,
+        |dir| dir.join("events.jsonl"),
+    );
+    let (out, stdout, stderr) = check("-c", &proxy.config_path, proxy.dir.path());
+    assert!(
+        out.status.success(),
+        "--check refuses the configuration: {stdout}{stderr}"
+    );
+    proxy
 }
 
 /// Sends pixels with reqwest; answers are (status, body).
@@ -275,12 +136,11 @@ struct Client {
 
 impl Client {
     fn new() -> Client {
-        postback_proxy::http::tls::install_crypto_provider();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let http = reqwest::Client::builder()
+        let http = common::client_builder()
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
@@ -303,7 +163,7 @@ impl Client {
                 .header("user-agent", USER_AGENT)
                 .send()
                 .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}\nproxy log:\n{}", proxy.proc.log()));
+                .unwrap_or_else(|e| panic!("GET {url}: {e}\nproxy log:\n{}", proxy.stderr()));
             let status = r.status().as_u16();
             (status, r.text().await.unwrap_or_default())
         })
@@ -317,7 +177,7 @@ impl Client {
                 (status, body.as_str()),
                 (200, "{}"),
                 "pixel {n} not accepted\nproxy log:\n{}",
-                proxy.proc.log()
+                proxy.stderr()
             );
         }
     }
@@ -409,34 +269,13 @@ fn counts(msgs: &[OwnedMessage]) -> BTreeMap<String, usize> {
     c
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// Polls `cond` every 100 ms for up to `within`.
-fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn pixels_become_kafka_messages() {
     let tansu = Tansu::start(free_port());
     tansu.create_topic("web.pageviews", 3);
-    let proxy = Proxy::start(&tansu.bootstrap(), "");
+    let proxy = start_proxy(&tansu.bootstrap(), "");
     let client = Client::new();
-    let start = now();
+    let start = common::now();
     const N: usize = 30;
     client.accepted(&proxy, "pageviews", 0..N);
 
@@ -451,7 +290,7 @@ fn pixels_become_kafka_messages() {
         c.keys().cloned().collect::<BTreeSet<_>>(),
         ns(0..N),
         "the records in web.pageviews (n: count)\nproxy log:\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
     let mut partition_of_key: BTreeMap<Vec<u8>, i32> = BTreeMap::new();
     for m in &msgs {
@@ -462,7 +301,7 @@ fn pixels_become_kafka_messages() {
         assert_eq!(m.key(), Some(gid.as_bytes()), "key of record {n}");
         let time = v["time"].as_i64().expect("time is an integer");
         assert!(
-            (start - 5..=now() + 5).contains(&time),
+            (start - 5..=common::now() + 5).contains(&time),
             "time {time} of record {n}"
         );
         assert_eq!(
@@ -492,7 +331,7 @@ fn a_message_too_large_for_kafka_is_rejected_and_the_others_delivered() {
     let tansu = Tansu::start(free_port());
     tansu.create_topic("web.pageviews", 1);
     // librdkafka refuses messages over message.max.bytes itself.
-    let proxy = Proxy::start(
+    let proxy = start_proxy(
         &tansu.bootstrap(),
         "    properties: { message.max.bytes: \"1000\" }\n",
     );
@@ -506,7 +345,7 @@ fn a_message_too_large_for_kafka_is_rejected_and_the_others_delivered() {
     assert!(
         eventually(Duration::from_secs(30), || proxy.rejected().contains(&blob)),
         "record 3 is not in rejected.jsonl\nproxy log:\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
     let rejected: Vec<Value> = proxy
         .rejected()
@@ -530,26 +369,26 @@ fn a_message_too_large_for_kafka_is_rejected_and_the_others_delivered() {
         Duration::from_secs(60),
     );
     let got: BTreeSet<String> = counts(&msgs).into_keys().collect();
-    assert_eq!(got, want, "proxy log:\n{}", proxy.proc.log());
+    assert_eq!(got, want, "proxy log:\n{}", proxy.stderr());
 }
 
 #[test]
 fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
     let port = free_port();
     let bootstrap = format!("127.0.0.1:{port}");
-    assert!(!listening(port));
+    assert!(!listening(port, Duration::from_millis(200)));
     // The proxy starts although no broker answers, and accepts pixels into its disk buffer.
-    let proxy = Proxy::start(&bootstrap, "");
+    let proxy = start_proxy(&bootstrap, "");
     let client = Client::new();
     const N: usize = 25;
     client.accepted(&proxy, "pageviews", 0..N);
     // The first batch fails (no acknowledgement within the sink's 5 s timeout) and is retried.
     assert!(
-        eventually(Duration::from_secs(40), || proxy.proc.log().contains(
+        eventually(Duration::from_secs(40), || proxy.stderr().contains(
             "no acknowledgement for a message to topic web.pageviews"
         )),
         "no failed delivery while the broker is down\nproxy log:\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
 
     let tansu = Tansu::start(port);
@@ -566,7 +405,7 @@ fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
         c.keys().cloned().collect::<BTreeSet<_>>(),
         ns(0..N + 5),
         "every accepted record arrives (n: count {c:?})\nproxy log:\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
     let duplicates: usize = c.values().map(|k| k - 1).sum();
     eprintln!(
@@ -578,15 +417,14 @@ fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
     // librdkafka repeats connection errors many times a second; the sink logs each kind of
     // them once per 30 s.
     let noise = proxy
-        .proc
-        .log()
+        .stderr()
         .lines()
         .filter(|l| l.contains("librdkafka"))
         .count();
     assert!(
         noise < 30,
         "{noise} librdkafka lines in the log\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
 }
 
@@ -594,18 +432,18 @@ fn records_accepted_while_the_broker_is_down_arrive_when_it_is_up() {
 fn a_topic_that_does_not_exist_is_logged_and_retried_until_it_does() {
     let tansu = Tansu::start(free_port());
     tansu.create_topic("web.pageviews", 1);
-    let proxy = Proxy::start(&tansu.bootstrap(), "");
+    let proxy = start_proxy(&tansu.bootstrap(), "");
     let client = Client::new();
     client.accepted(&proxy, "missing", 0..3);
     assert!(
         eventually(Duration::from_secs(40), || {
-            let log = proxy.proc.log();
+            let log = proxy.stderr();
             log.lines().any(|l| {
                 l.contains("ERROR") && l.contains("web.missing") && l.contains("does not exist")
             })
         }),
         "no clear error about the missing topic\nproxy log:\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
     // Nothing is rejected for it: once the topic exists, the records arrive.
     assert_eq!(proxy.rejected(), "");
@@ -620,7 +458,7 @@ fn a_topic_that_does_not_exist_is_logged_and_retried_until_it_does() {
         counts(&msgs).into_keys().collect::<BTreeSet<_>>(),
         ns(0..3),
         "proxy log:\n{}",
-        proxy.proc.log()
+        proxy.stderr()
     );
 }
 
@@ -629,7 +467,7 @@ fn a_topic_that_does_not_exist_is_logged_and_retried_until_it_does() {
 fn check_reports_kafka_fields() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.yaml");
-    fs::write(
+    std::fs::write(
         &config,
         r#"upstream: { peers: ["127.0.0.1:1"] }
 sinks:
@@ -637,24 +475,14 @@ sinks:
 "#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-        .arg("-c")
-        .arg(&config)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, stdout, stderr) = check("-c", &config, dir.path());
+    let text = format!("{stdout}{stderr}");
     assert!(!out.status.success(), "{text}");
-    for line in [
+    let lines = [
         "sinks.main.brokers: must not be empty",
         "sinks.main.acks: must be all, -1, 0 or 1",
         "sinks.main.compression: must be none, gzip, snappy, lz4 or zstd",
         "sinks.main.topic: ",
-    ] {
-        assert!(text.contains(line), "{line:?} missing in:\n{text}");
-    }
+    ];
+    common::assert_contains_all(&text, &lines, "the --check output");
 }

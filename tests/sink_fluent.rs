@@ -2,17 +2,18 @@
 //! forward protocol to an independent peer, `tests/peers/fluent_peer.py` (Python and the `msgpack`
 //! package: `python3 -m pip install msgpack`), which writes every entry it receives as a JSON line.
 //!
-//! Self-contained on purpose: it does not use `tests/common`.
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::proxy::{check, sink_test_yaml};
+use common::{free_port, now, Proc, Proxy};
 use serde_json::{json, Value};
 
 const KEY: &str = "fluent-test-key-0123456789";
@@ -24,36 +25,12 @@ fn peer_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/fluent_peer.py")
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A loopback port nothing listens on right now, outside the kernel's ephemeral range (so the
-/// sockets other tests bind to port 0 do not take it in the meantime).
-fn free_port() -> u16 {
-    for _ in 0..500 {
-        let port = fastrand::u16(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port found");
-}
-
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 /// The forward peer; killed when dropped.
 struct Peer {
-    child: Child,
+    /// Its log is its stderr.
+    proc: Proc,
     port: u16,
     out: PathBuf,
-    stderr: PathBuf,
 }
 
 impl Peer {
@@ -74,6 +51,8 @@ impl Peer {
             .spawn()
             .expect("python3 runs");
         let stdout = child.stdout.take().unwrap();
+        // Its stdin stays open (`--exit-on-stdin-eof`) until the peer is dropped.
+        let mut proc = Proc::adopt("the fluent peer", child, stderr);
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -82,18 +61,13 @@ impl Peer {
         });
         let line = rx.recv_timeout(PATIENCE).unwrap_or_default();
         let Ok(port) = line.trim().parse::<u16>() else {
-            kill(&mut child);
+            proc.kill();
             panic!(
                 "the fluent peer did not start (is msgpack installed? python3 -m pip install msgpack); stdout {line:?}, stderr:\n{}",
-                fs::read_to_string(&stderr).unwrap_or_default()
+                proc.log()
             );
         };
-        Peer {
-            child,
-            port,
-            out,
-            stderr,
-        }
+        Peer { proc, port, out }
     }
 
     /// Every entry so far (whole lines only). Panics on a protocol error the peer reported.
@@ -111,7 +85,7 @@ impl Peer {
     }
 
     fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.proc.log()
     }
 
     /// Waits until the entries hold a record with every `n` of `ns` (duplicates allowed), and
@@ -141,160 +115,26 @@ impl Peer {
     }
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        kill(&mut self.child);
-    }
+/// Starts the real proxy (the harness's, with its port retry) with `sink` as the YAML of
+/// `sinks.main` (indented by 4).
+fn start_proxy(sink: &str) -> Proxy {
+    Proxy::start_yaml(
+        |dir, port, _admin| yaml(dir, port, free_port(), sink),
+        false,
+        |dir| dir.join("events.jsonl"),
+    )
 }
 
-/// `true` when process `pid` holds the socket listening on `127.0.0.1:port` (Linux `/proc`), so
-/// we talk to our own proxy and not to another test's.
-fn owns_listener(pid: u32, port: u16) -> bool {
-    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
-        return true;
-    };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
-        })
-        .collect();
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten().any(|fd| {
-        fs::read_link(fd.path())
-            .is_ok_and(|target| inodes.iter().any(|i| *i == target.to_string_lossy()))
-    })
-}
-
-/// The real binary with a `fluent` sink; killed when dropped.
-struct Proxy {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Proxy {
-    /// Starts the binary in `dir` with `sink` as the YAML of `sinks.main` (indented by 4).
-    fn start(dir: &Path, sink: &str) -> Proxy {
-        let mut last = String::new();
-        for _attempt in 0..5 {
-            let port = free_port();
-            let upstream = free_port();
-            let config = dir.join("postback-proxy.yaml");
-            fs::write(&config, yaml(dir, port, upstream, sink)).unwrap();
-            let stderr = fs::File::create(dir.join("proxy.stderr")).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-                .arg("-c")
-                .arg(&config)
-                .current_dir(dir)
-                .env("RUST_LOG", "info")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr)
-                .spawn()
-                .expect("spawn postback-proxy");
-            let mut proxy = Proxy {
-                child,
-                port,
-                dir: dir.to_owned(),
-            };
-            match proxy.wait_listening() {
-                Ok(()) => return proxy,
-                Err(e) => last = e,
-            }
-            kill(&mut proxy.child);
-        }
-        panic!("the proxy did not start: {last}");
-    }
-
-    fn wait_listening(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + PATIENCE;
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Err(format!("exited with {status}; stderr:\n{}", self.stderr()));
-            }
-            if owns_listener(self.child.id(), self.port)
-                && TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("not listening; stderr:\n{}", self.stderr()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.join("proxy.stderr")).unwrap_or_default()
-    }
-
-    /// Sends a pixel for `table` with the columns `n` and `q`, recorded at `time`; asserts it
-    /// was accepted.
-    async fn pixel(&self, client: &reqwest::Client, table: &str, n: &str, time: i64) {
-        if let Err(e) = pixel(client, self.port, table, n, time).await {
-            panic!("{e}; proxy stderr:\n{}", self.stderr());
-        }
-    }
-
-    /// Waits until the proxy's log holds `text`.
-    async fn wait_log(&self, text: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        while !self.stderr().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "the proxy never logged {text:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        kill(&mut self.child);
+/// Sends a pixel for `table` with the columns `n` and `q`, recorded at `time`; asserts it was
+/// accepted.
+async fn accepted_pixel(proxy: &Proxy, client: &reqwest::Client, table: &str, n: &str, time: i64) {
+    if let Err(e) = pixel(client, proxy.port, table, n, time).await {
+        panic!("{e}; proxy stderr:\n{}", proxy.stderr());
     }
 }
 
 fn yaml(dir: &Path, port: u16, upstream: u16, sink: &str) -> String {
-    let dir = dir.display();
-    format!(
-        r#"server:
-  threads: 2
-  grace_period_seconds: 1
-  graceful_shutdown_timeout_seconds: 2
-  upgrade_sock: {dir}/upgrade.sock
-  pid_file: {dir}/proxy.pid
-
-listen:
-  - address: 127.0.0.1:{port}
-
-upstream:
-  peers: ["127.0.0.1:{upstream}"]
-
-auth:
-  write_keys:
-    - key: "{KEY}"
-      databases: ["web"]
-
-sinks:
-  main:
-{sink}
-
-delivery:
-  buffer: disk
-  dir: {dir}/buffer
-  batch: {{ max_wait: 10ms }}
-  retry: {{ initial: 50ms, max: 500ms }}
-"#
-    )
+    sink_test_yaml(dir, port, upstream, KEY, sink, "500ms")
 }
 
 fn fluent_sink(port: u16, extra: &str) -> String {
@@ -324,15 +164,6 @@ async fn pixel(
         return Err(format!("{url}: answered {status}, content-type {kind:?}"));
     }
     Ok(())
-}
-
-fn client() -> reqwest::Client {
-    // reqwest is built with `rustls-no-provider`; plain HTTP only, but the builder wants one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
 }
 
 /// The `record` map the peer must see for pixel `n`.
@@ -394,14 +225,11 @@ fn names(n: usize) -> BTreeSet<String> {
 async fn pixels_reach_fluentd_with_tag_time_and_columns_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start(dir.path(), 0, &[]);
-    let proxy = Proxy::start(
-        dir.path(),
-        &fluent_sink(peer.port, "    require_ack: true\n"),
-    );
-    let client = client();
+    let proxy = start_proxy(&fluent_sink(peer.port, "    require_ack: true\n"));
+    let client = common::client();
     let time = now() - 60;
     // One pixel alone first, then two tables concurrently, so batches hold several tags.
-    proxy.pixel(&client, "pageviews", "p0", time).await;
+    accepted_pixel(&proxy, &client, "pageviews", "p0", time).await;
     let mut ns = names(20);
     send_all(&proxy, &client, &ns, time).await;
     ns.insert("p0".into());
@@ -431,13 +259,13 @@ async fn records_wait_while_fluentd_is_down_and_arrive_once_it_starts() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // Nothing listens yet: the proxy starts all the same and accepts pixels into its buffer.
-    let proxy = Proxy::start(dir.path(), &fluent_sink(port, ""));
-    let client = client();
+    let proxy = start_proxy(&fluent_sink(port, ""));
+    let client = common::client();
     let time = now() - 60;
     let ns = names(5);
     send_all(&proxy, &client, &ns, time).await;
     // The sink has tried and failed at least once.
-    proxy.wait_log("sink main: batch of").await;
+    proxy.wait_log("sink main: batch of", PATIENCE);
     let peer = Peer::start(dir.path(), port, &[]);
     let entries = peer.wait_for(&ns, &proxy).await;
     check_entries(&entries, |n| format!("td.web.{}", table_of(n)), time, &ns);
@@ -459,11 +287,11 @@ async fn dropped_connections_wrong_and_missing_acks_are_retried() {
         0,
         &["--drop-first", "2", "--wrong-ack", "1", "--silent", "1"],
     );
-    let proxy = Proxy::start(
-        dir.path(),
-        &fluent_sink(peer.port, "    require_ack: true\n    timeout: 500ms\n"),
-    );
-    let client = client();
+    let proxy = start_proxy(&fluent_sink(
+        peer.port,
+        "    require_ack: true\n    timeout: 500ms\n",
+    ));
+    let client = common::client();
     let time = now() - 60;
     let ns = names(5);
     send_all(&proxy, &client, &ns, time).await;
@@ -486,14 +314,11 @@ async fn dropped_connections_wrong_and_missing_acks_are_retried() {
 async fn a_custom_tag_template_without_acks() {
     let dir = tempfile::tempdir().unwrap();
     let peer = Peer::start(dir.path(), 0, &[]);
-    let proxy = Proxy::start(
-        dir.path(),
-        &fluent_sink(
-            peer.port,
-            "    tag: \"app.{table}.from.{database}\"\n    require_ack: false\n",
-        ),
-    );
-    let client = client();
+    let proxy = start_proxy(&fluent_sink(
+        peer.port,
+        "    tag: \"app.{table}.from.{database}\"\n    require_ack: false\n",
+    ));
+    let client = common::client();
     let time = now() - 120;
     let ns = names(3);
     send_all(&proxy, &client, &ns, time).await;
@@ -516,32 +341,17 @@ fn check_reports_bad_fluent_settings_by_field() {
     let config = dir.path().join("bad.yaml");
     let sink = "    type: fluent\n    address: \"127.0.0.1\"\n    tag: \"\"\n";
     fs::write(&config, yaml(dir.path(), free_port(), free_port(), sink)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-        .arg("-c")
-        .arg(&config)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, stdout, stderr) = check("-c", &config, dir.path());
+    let text = format!("{stdout}{stderr}");
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("sinks.main.address"), "{text}");
     assert!(text.contains("sinks.main.tag: must not be empty"), "{text}");
 
     let good = fluent_sink(free_port(), "");
     fs::write(&config, yaml(dir.path(), free_port(), free_port(), &good)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-        .arg("-c")
-        .arg(&config)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let (out, _stdout, stderr) = check("-c", &config, dir.path());
     assert!(
         out.status.success(),
-        "a fluent sink whose server is down is a valid configuration: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "a fluent sink whose server is down is a valid configuration: {stderr}"
     );
 }
