@@ -49,6 +49,7 @@ fn split(config: Config) -> (ServerParts, PostbacksBuilder) {
         sinks: Some(sinks),
         delivery,
     };
+    let recent_records = admin.as_ref().map_or(0, |a| a.recent_records);
     (
         ServerParts {
             server,
@@ -56,7 +57,7 @@ fn split(config: Config) -> (ServerParts, PostbacksBuilder) {
             admin,
             upstream,
         },
-        Postbacks::builder(postbacks),
+        Postbacks::builder(postbacks).recent_records(recent_records),
     )
 }
 

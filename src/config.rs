@@ -182,7 +182,15 @@ fn default_listen() -> Vec<ListenConfig> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    /// `ip:port` of the admin listener.
     pub address: String,
+    /// How many recent records and refusals the live view (`/`) keeps; 0 turns it off.
+    #[serde(default = "default_recent_records")]
+    pub recent_records: usize,
+}
+
+fn default_recent_records() -> usize {
+    crate::http::builder::DEFAULT_RECENT_RECORDS
 }
 
 /// One entry of `sinks:`.

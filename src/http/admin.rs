@@ -1,66 +1,165 @@
-//! The admin listener: `/metrics`, `/healthz` and `/readyz`. Bind it to a private address only.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/sinks`, and the live view (`/`,
+//! `/events/recent`, `/events/stream`). Bind it to a private address only.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{header, Response, StatusCode};
-use pingora::apps::http_app::ServeHttp;
+use bytes::Bytes;
+use http::{header, StatusCode};
+use log::debug;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use tokio::sync::broadcast::error::RecvError;
 
+use super::live::LiveView;
 use crate::delivery::Delivery;
 use crate::metrics;
+
+/// The live view's page: HTML, CSS and script in one file, built into the binary.
+const PAGE: &str = include_str!("live/page.html");
+
+/// How often an idle event stream sends a comment, so proxies and browsers keep it open.
+const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// Answers the admin endpoints.
 pub struct AdminApp {
     delivery: Arc<Delivery>,
+    live: Arc<LiveView>,
+}
+
+/// A whole answer: status, content type, body.
+struct Answer {
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+fn answer(status: StatusCode, content_type: &'static str, body: impl Into<Vec<u8>>) -> Answer {
+    Answer {
+        status,
+        content_type,
+        body: body.into(),
+    }
 }
 
 impl AdminApp {
-    /// The admin endpoints, reporting readiness from `delivery`.
-    pub fn new(delivery: Arc<Delivery>) -> Self {
-        AdminApp { delivery }
+    /// The admin endpoints, reporting on `delivery` and showing `live`.
+    pub(crate) fn new(delivery: Arc<Delivery>, live: Arc<LiveView>) -> Self {
+        AdminApp { delivery, live }
     }
-}
 
-fn text(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    let len = body.len();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    if let Ok(v) = content_type.parse() {
-        headers.insert(header::CONTENT_TYPE, v);
-    }
-    headers.insert(header::CONTENT_LENGTH, len.into());
-    resp
-}
-
-#[async_trait]
-impl ServeHttp for AdminApp {
-    /// Runs for every admin request.
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let _ = session.drain_request_body().await;
-        match session.req_header().uri.path() {
+    /// The answer to every admin request but the event stream.
+    fn respond(&self, path: &str) -> Answer {
+        match path {
+            "/" => answer(StatusCode::OK, "text/html; charset=utf-8", PAGE),
             "/metrics" => {
                 self.delivery.update_gauges();
-                text(
+                answer(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    metrics::render().into_bytes(),
+                    metrics::render(),
                 )
             }
-            "/healthz" => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => answer(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => {
                 if self.delivery.ready() {
-                    text(StatusCode::OK, "text/plain", b"ready\n".to_vec())
+                    answer(StatusCode::OK, "text/plain", "ready\n")
                 } else {
-                    text(
+                    answer(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
-                        b"not ready: a sink is failing or a buffer is full\n".to_vec(),
+                        "not ready: a buffer is full or the proxy is shutting down\n",
                     )
                 }
             }
-            _ => text(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+            "/events/recent" => answer(StatusCode::OK, "application/json", self.live.recent_json()),
+            _ => answer(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+
+    /// Streams events as Server-Sent Events until the viewer goes away or the server stops.
+    /// A viewer that falls behind gets a `missed` event with the count, never a slower proxy.
+    async fn stream(&self, http: &mut ServerSession, shutdown: &ShutdownWatch) {
+        let mut events = self.live.subscribe();
+        let mut head = match ResponseHeader::build(200, Some(4)) {
+            Ok(h) => h,
+            Err(_) => return,
+        };
+        let _ = head.insert_header(header::CONTENT_TYPE, "text/event-stream");
+        let _ = head.insert_header(header::CACHE_CONTROL, "no-store");
+        http.set_keepalive(None);
+        if http.write_response_header(Box::new(head)).await.is_err() {
+            return;
+        }
+        let hello = "retry: 1000\nevent: hello\ndata: {}\n\n";
+        if http
+            .write_response_body(Bytes::from(hello), false)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut shutdown = shutdown.clone();
+        loop {
+            let chunk = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(json) => format!("data: {json}\n\n"),
+                    Err(RecvError::Lagged(n)) => {
+                        format!("data: {{\"kind\":\"missed\",\"count\":{n}}}\n\n")
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(HEARTBEAT) => ": keep-alive\n\n".to_string(),
+                _ = shutdown.changed() => return,
+            };
+            if http
+                .write_response_body(Bytes::from(chunk), false)
+                .await
+                .is_err()
+            {
+                debug!("event stream viewer went away");
+                return;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for AdminApp {
+    /// Runs for every admin connection's request.
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut http: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !matches!(http.read_request().await, Ok(true)) {
+            return None;
+        }
+        let _ = http.drain_request_body().await;
+        let path = http.req_header().uri.path().to_owned();
+        if path == "/events/stream" {
+            self.stream(&mut http, shutdown).await;
+            return None;
+        }
+        let a = self.respond(&path);
+        http.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let mut head = ResponseHeader::build(a.status, Some(3)).ok()?;
+        head.insert_header(header::CONTENT_TYPE, a.content_type)
+            .ok()?;
+        head.insert_header(header::CONTENT_LENGTH, a.body.len())
+            .ok()?;
+        head.insert_header(header::CACHE_CONTROL, "no-store").ok()?;
+        http.write_response_header(Box::new(head)).await.ok()?;
+        http.write_response_body(Bytes::from(a.body), true)
+            .await
+            .ok()?;
+        let settings = HttpPersistentSettings::for_session(&http);
+        match http.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Err(_) => None,
         }
     }
 }

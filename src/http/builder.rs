@@ -9,6 +9,7 @@ use log::warn;
 use serde::Deserialize;
 
 use super::client_ip::{ClientIpConfig, ClientIpPolicy};
+use super::live::LiveView;
 use super::postbacks::Postbacks;
 use crate::config::{DeliveryConfig, Problem, SinkConfig};
 use crate::delivery::Delivery;
@@ -80,7 +81,11 @@ impl std::error::Error for BuildError {}
 pub struct PostbacksBuilder {
     config: PostbacksConfig,
     custom: Vec<(String, Box<dyn LogSink>)>,
+    recent_records: usize,
 }
+
+/// How many recent events the live view keeps by default (`admin.recent_records`).
+pub const DEFAULT_RECENT_RECORDS: usize = 1000;
 
 /// What the checks produce before anything is opened.
 struct Checked {
@@ -98,7 +103,15 @@ impl PostbacksBuilder {
         PostbacksBuilder {
             config,
             custom: Vec::new(),
+            recent_records: DEFAULT_RECENT_RECORDS,
         }
+    }
+
+    /// How many recent records and refusals the admin listener's live view keeps (default
+    /// 1,000); 0 turns the live view off and costs nothing per request.
+    pub fn recent_records(mut self, n: usize) -> Self {
+        self.recent_records = n;
+        self
     }
 
     /// Registers `sink` under `name`: routes name it in `sink:` as they name a sink of the file,
@@ -162,6 +175,7 @@ impl PostbacksBuilder {
             checked.router,
             checked.postback,
             Arc::new(delivery),
+            Arc::new(LiveView::new(self.recent_records)),
         ))
     }
 

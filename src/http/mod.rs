@@ -7,6 +7,7 @@ pub mod body;
 pub mod builder;
 pub mod client_ip;
 pub mod forwarded;
+pub mod live;
 pub mod postbacks;
 pub mod proxy;
 pub mod tls;

@@ -21,6 +21,7 @@ use super::body::{read_body, settle_body};
 use super::builder::{PostbacksBuilder, PostbacksConfig};
 use super::client_ip::ClientIpPolicy;
 use super::forwarded::{is_tls, peer_ip};
+use super::live::LiveView;
 use crate::delivery::Delivery;
 use crate::metrics;
 use crate::postback::reply::{ErrorKind, Refusal, Reply};
@@ -37,6 +38,7 @@ pub struct Postbacks {
     router: Router,
     postback: Postback,
     delivery: Arc<Delivery>,
+    live: Arc<LiveView>,
 }
 
 impl Postbacks {
@@ -56,11 +58,17 @@ impl Postbacks {
         PostbacksBuilder::new(config)
     }
 
-    pub(crate) fn new(router: Router, postback: Postback, delivery: Arc<Delivery>) -> Self {
+    pub(crate) fn new(
+        router: Router,
+        postback: Postback,
+        delivery: Arc<Delivery>,
+        live: Arc<LiveView>,
+    ) -> Self {
         Postbacks {
             router,
             postback,
             delivery,
+            live,
         }
     }
 
@@ -104,7 +112,8 @@ impl Postbacks {
     /// A listening service for the admin endpoints (`/metrics`, `/healthz`, `/readyz`, `/sinks`)
     /// on `address`, an `ip:port` that only operators reach.
     pub fn admin_service(&self, address: &str) -> Service<AdminApp> {
-        let mut service = Service::new("admin".to_string(), AdminApp::new(self.delivery.clone()));
+        let app = AdminApp::new(self.delivery.clone(), self.live.clone());
+        let mut service = Service::new("admin".to_string(), app);
         service.add_tcp(address);
         service
     }
@@ -126,10 +135,14 @@ impl Postbacks {
         let route = match &found {
             RouteMatch::Postback { route, .. } | RouteMatch::BadName { route, .. } => *route,
         };
-        let (reply, outcome) = match self.reply(session, &found).await {
+        let (reply, outcome) = match self.reply(session, route, &found).await {
             Ok(reply) if reply.status == 204 => (reply, "preflight"),
             Ok(reply) => (reply, "accepted"),
-            Err(refusal) => (Reply::refused(&refusal), refusal.kind.code()),
+            Err(refusal) => {
+                let path = session.req_header().uri.path();
+                self.live.refused(&route.template, path, &refusal);
+                (Reply::refused(&refusal), refusal.kind.code())
+            }
         };
         settle_body(session, self.postback.limits()).await;
         count(route, outcome, started);
@@ -138,13 +151,16 @@ impl Postbacks {
     }
 
     /// Works out the reply to a postback; reads the body of POSTs and delivers the records.
-    async fn reply(&self, session: &mut Session, found: &RouteMatch<'_>) -> Result<Reply, Refusal> {
-        let (route, database, table) = match found {
+    async fn reply(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        found: &RouteMatch<'_>,
+    ) -> Result<Reply, Refusal> {
+        let (database, table) = match found {
             RouteMatch::Postback {
-                route,
-                database,
-                table,
-            } => (*route, database.as_str(), table.as_str()),
+                database, table, ..
+            } => (database.as_str(), table.as_str()),
             RouteMatch::BadName { message, .. } => {
                 return Err(Refusal::new(ErrorKind::BadRequest, message.clone()))
             }
@@ -190,18 +206,25 @@ impl Postbacks {
             privacy: route.privacy.as_ref(),
         };
         let outcome = self.postback.handle(target, &request)?;
+        let shown = self.live.render(&route.template, &outcome.records);
         // TODO(lead): one call with every sink once delivery takes a list.
-        let (last, others) = route.sinks.split_last().expect("a route has a sink");
-        for &sink in others {
+        let unavailable =
+            |e: crate::delivery::DeliveryError| Refusal::new(ErrorKind::Unavailable, e.to_string());
+        if let Some((last, others)) = route.sinks.split_last() {
+            for &sink in others {
+                self.delivery
+                    .accept(sink, outcome.records.clone())
+                    .await
+                    .map_err(unavailable)?;
+            }
             self.delivery
-                .accept(sink, outcome.records.clone())
+                .accept(*last, outcome.records)
                 .await
-                .map_err(|e| Refusal::new(ErrorKind::Unavailable, e.to_string()))?;
+                .map_err(unavailable)?;
         }
-        self.delivery
-            .accept(*last, outcome.records)
-            .await
-            .map_err(|e| Refusal::new(ErrorKind::Unavailable, e.to_string()))?;
+        if let Some(events) = shown {
+            self.live.publish(events);
+        }
         Ok(outcome.reply)
     }
 
