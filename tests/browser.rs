@@ -18,13 +18,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::browser::{browser_dir, chromium_or_fail, spawn_node};
 use common::proxy::{server_yaml, web_key_yaml, TestPki, TlsFiles};
 use common::server::{header_pairs, Server};
 use common::Proxy;
@@ -36,50 +36,6 @@ use serde_json::Value;
 const KEY: &str = "7/browser-test-write-key";
 /// How long the browser run may take in all (launch, two page loads, shutdown).
 const DRIVER_LIMIT: Duration = Duration::from_secs(120);
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-/// Everything the test needs outside Cargo, or a panic saying how to install what is missing.
-fn chromium_or_fail() -> PathBuf {
-    let chromium = std::env::var_os("CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    let mut missing = Vec::new();
-    if !chromium.exists() {
-        missing.push(format!(
-            "Chromium at {} (apt-get install -y chromium, or set CHROMIUM=/path/to/chromium)",
-            chromium.display()
-        ));
-    }
-    let node = Command::new("node").arg("--version").output();
-    if !node.as_ref().is_ok_and(|o| o.status.success()) {
-        missing.push("node, 18 or newer (apt-get install -y nodejs npm)".into());
-    }
-    let dir = browser_dir();
-    for file in [
-        "node_modules/playwright-core/package.json",
-        "node_modules/td-js-sdk/dist/td.min.js",
-    ] {
-        if !dir.join(file).exists() {
-            missing.push(format!(
-                "{} (npm ci --prefix tests/browser)",
-                dir.join(file).display()
-            ));
-        }
-    }
-    let openssl = Command::new("openssl").arg("version").output();
-    if !openssl.as_ref().is_ok_and(|o| o.status.success()) {
-        missing.push("openssl (apt-get install -y openssl)".into());
-    }
-    assert!(
-        missing.is_empty(),
-        "the browser test cannot run; missing:\n  {}",
-        missing.join("\n  ")
-    );
-    chromium
-}
 
 /// One request the origin served.
 #[derive(Clone, Debug)]
@@ -197,18 +153,7 @@ delivery:
 /// Runs `node drive.mjs <url>` (in its own process group, killed whole on a timeout) and returns
 /// what it printed on stdout, parsed.
 fn drive(chromium: &Path, url: &str) -> Value {
-    let dir = browser_dir();
-    let mut child = Command::new("node")
-        .arg(dir.join("drive.mjs"))
-        .arg(url)
-        .current_dir(&dir)
-        .env("CHROMIUM", chromium)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("spawn node");
+    let mut child = spawn_node(chromium, "drive.mjs", &[url], Stdio::null());
     let pump = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut text = String::new();

@@ -12,6 +12,7 @@
 //! (TLS, health checks, upgrades) and `adversarial.rs` (hostile input).
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod collector;
 pub mod origin;
 pub mod process;

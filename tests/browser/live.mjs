@@ -1,0 +1,92 @@
+// Drives headless Chromium for tests/live_view.rs:
+//   node live.mjs <admin url> <postback url prefix> <write key> <screenshot path>
+//
+// Opens the admin listener's live view, fires three pixels and one postback with a wrong key
+// through the proxy, waits until the page shows them, then prints `stop the sink` and waits for
+// a line on stdin (the test stops the sink's peer), waits until the sink table says `down`,
+// takes a screenshot and prints one JSON object: what the page showed. The Rust test makes the
+// assertions. Every wait is bounded; on a timeout it says what it was waiting for on stderr.
+
+import { chromium } from 'playwright-core';
+import { createInterface } from 'node:readline';
+
+const STEP_MS = 20_000;
+const [adminUrl, postbackUrl, key, screenshot] = process.argv.slice(2);
+if (!screenshot) {
+  console.error('usage: node live.mjs <admin url> <postback url prefix> <write key> <screenshot path>');
+  process.exit(2);
+}
+setTimeout(() => { console.error('live.mjs: gave up after 90 s'); process.exit(1); }, 90_000);
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+async function waitUntil(what, check) {
+  const deadline = Date.now() + STEP_MS;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${STEP_MS} ms waiting for ${what}`);
+    await sleep(25);
+  }
+}
+const lines = createInterface({ input: process.stdin });
+const nextLine = () => new Promise((resolve) => lines.once('line', resolve));
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  chromiumSandbox: false,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    '--disable-dev-shm-usage'],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  await page.goto(adminUrl);
+  await waitUntil('the event stream', async () => (await page.textContent('#conn')) === 'live');
+
+  const fired = Date.now();
+  for (const n of [1, 2, 3]) {
+    const r = await fetch(`${postbackUrl}?td_format=pixel&td_write_key=${encodeURIComponent(key)}&page=/live-${n}&td_ip=td_ip`);
+    if (r.status !== 200) throw new Error(`pixel ${n}: ${r.status}`);
+  }
+  const bad = await fetch(`${postbackUrl}?td_write_key=not-the-key&page=/refused`);
+  const rows = await waitUntil('three records on the page', async () => {
+    const rows = await page.$$eval('#records tbody tr', (trs) => trs.map((tr) =>
+      Array.from(tr.cells).map((td) => td.textContent)));
+    return rows.length >= 3 ? rows : null;
+  });
+  const shownAfterMs = Date.now() - fired;
+  const refused = await waitUntil('the refused postback', async () => {
+    const rows = await page.$$eval('#refused tbody tr', (trs) => trs.map((tr) =>
+      Array.from(tr.cells).map((td) => td.textContent)));
+    return rows.length >= 1 ? rows : null;
+  });
+  const sinksBefore = await waitUntil('the sink table', async () => {
+    const rows = await page.$$eval('#sinks tbody tr', (trs) => trs.map((tr) =>
+      Array.from(tr.cells).map((td) => td.textContent)));
+    return rows.length >= 1 ? rows : null;
+  });
+  await page.fill('#f-text', '/live-2');
+  const filtered = await page.$$eval('#records tbody tr', (trs) => trs.length);
+  await page.fill('#f-text', '');
+
+  console.log('stop the sink');
+  await nextLine();
+  // A record that the stopped sink cannot take, so it fails and says so.
+  await fetch(`${postbackUrl}?td_format=pixel&td_write_key=${encodeURIComponent(key)}&page=/live-4`);
+  const sinksAfter = await waitUntil('the sink to be down', async () => {
+    const rows = await page.$$eval('#sinks tbody tr', (trs) => trs.map((tr) =>
+      Array.from(tr.cells).map((td) => td.textContent)));
+    return rows.some((r) => r[1] === 'down') ? rows : null;
+  });
+  await page.screenshot({ path: screenshot, fullPage: true });
+  const text = await page.textContent('body');
+  console.log(JSON.stringify({
+    rows, refused, sinksBefore, sinksAfter, filtered, badStatus: bad.status, shownAfterMs,
+    keyOnPage: text.includes(key),
+  }));
+} finally {
+  await browser.close();
+  lines.close();
+}
