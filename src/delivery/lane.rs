@@ -20,6 +20,9 @@ use crate::sink::{Batch, LogSink, Rejection};
 /// How often the lane asks the sink about its peer ([`LogSink::peer_down`]).
 const PEER_POLL: Duration = Duration::from_secs(1);
 
+/// How long a sink's close may take at shutdown.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
 /// How batches are formed and failures retried (`delivery.batch`, `delivery.retry`).
 #[derive(Clone, Debug)]
 pub struct BatchPolicy {
@@ -82,8 +85,13 @@ impl Lane {
             _ = self.batches(closing) => {}
             _ = self.watch_peer() => {}
         }
-        if let Err(e) = self.sink.close().await {
-            error!("sink {}: close failed: {e}", self.name);
+        match tokio::time::timeout(CLOSE_LIMIT, self.sink.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("sink {}: close failed: {e}", self.name),
+            Err(_) => error!(
+                "sink {}: close did not finish within {CLOSE_LIMIT:?}",
+                self.name
+            ),
         }
     }
 
@@ -142,7 +150,12 @@ impl Lane {
             .with_label_values(&[&self.name])
             .observe(batch.len() as f64);
         loop {
-            match self.sink.write_batch(batch).await {
+            let result = tokio::select! {
+                result = self.sink.write_batch(batch) => result,
+                // A sink that never answers is given up on at the drain deadline too.
+                _ = drain_deadline(closing.clone()) => return false,
+            };
+            match result {
                 Ok(rejections) => {
                     let delivered = batch.len() - rejections.len();
                     self.state.batch_delivered(delivered);
@@ -223,6 +236,19 @@ fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         .append(true)
         .open(path)?
         .write_all(bytes)
+}
+
+/// Returns once the shutdown's drain deadline has passed (never while running).
+async fn drain_deadline(mut closing: watch::Receiver<Option<Instant>>) {
+    let deadline = loop {
+        if let Some(deadline) = *closing.borrow_and_update() {
+            break deadline;
+        }
+        if closing.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::time::sleep_until(deadline.into()).await;
 }
 
 /// A random duration between half of `d` and `d`, so that many proxies do not retry in step.

@@ -350,3 +350,141 @@ impl Delivery {
         info!("delivery finished");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RecordBody;
+    use crate::sink::{Batch, Rejection, SinkError};
+    use async_trait::async_trait;
+
+    /// Keeps what it gets, with the batch ids.
+    #[derive(Clone, Default)]
+    struct Keep(Arc<Mutex<Vec<(String, i64)>>>);
+
+    #[async_trait]
+    impl LogSink for Keep {
+        async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
+            let mut kept = lock(&self.0);
+            kept.extend(batch.iter().map(|r| (batch.id().to_owned(), r.body.time)));
+            Ok(Vec::new())
+        }
+    }
+
+    /// Never answers.
+    struct Hang;
+
+    #[async_trait]
+    impl LogSink for Hang {
+        async fn write_batch(&self, _batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
+            std::future::pending().await
+        }
+        fn peer_down(&self) -> Option<String> {
+            Some("no answer".into())
+        }
+    }
+
+    fn record(i: i64) -> Record {
+        Record {
+            database: "web".into(),
+            table: "t".into(),
+            body: RecordBody {
+                time: i,
+                columns: Default::default(),
+            },
+        }
+    }
+
+    fn cfg(buffer: BufferKind, dir: &std::path::Path) -> DeliveryConfig {
+        let mut cfg = DeliveryConfig {
+            buffer,
+            dir: dir.to_path_buf(),
+            queue_records: 3,
+            ..DeliveryConfig::default()
+        };
+        cfg.batch.max_wait = crate::units::HumanDuration::millis(5);
+        cfg
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn fan_out_reaches_every_sink_and_a_hung_sink_delays_no_other() {
+        for buffer in [BufferKind::Memory, BufferKind::Disk] {
+            let dir = tempfile::tempdir().unwrap();
+            let keep = Keep::default();
+            let sinks: Vec<(String, Box<dyn LogSink>)> = vec![
+                ("hang".into(), Box::new(Hang)),
+                ("keep".into(), Box::new(keep.clone())),
+            ];
+            let delivery = Delivery::open(&cfg(buffer, dir.path()), sinks).unwrap();
+            delivery.start().unwrap();
+            for i in 0..3 {
+                delivery.accept([0, 1], vec![record(i)]).await.unwrap();
+            }
+            wait_for("the kept sink has every record", || {
+                lock(&keep.0).len() == 3
+            });
+            let ids: Vec<i64> = lock(&keep.0).iter().map(|(_, t)| *t).collect();
+            assert_eq!(ids, vec![0, 1, 2]);
+            assert!(lock(&keep.0).iter().all(|(id, _)| !id.is_empty()));
+            wait_for("the hung sink is down", || {
+                delivery.sinks_status()[0].state == "down"
+            });
+            let status = delivery.sinks_status();
+            assert_eq!(status[0].name, "hang");
+            assert_eq!(status[0].last_error.as_deref(), Some("no answer"));
+            assert_eq!(status[0].records_waiting, 3);
+            assert_eq!((status[1].state, status[1].delivered), ("up", 3));
+            assert!(
+                delivery.ready(),
+                "a sink that hangs does not make it unready"
+            );
+            delivery.shutting_down();
+            assert!(!delivery.ready());
+            delivery.finish(Duration::from_millis(100));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_refuses_all_sinks_and_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks: Vec<(String, Box<dyn LogSink>)> = vec![
+            ("a".into(), Box::new(Keep::default())),
+            ("b".into(), Box::new(Keep::default())),
+        ];
+        let delivery = Delivery::open(&cfg(BufferKind::Memory, dir.path()), sinks).unwrap();
+        // Not started: nothing is delivered, the queues (3 records each) fill up.
+        delivery
+            .accept(1, vec![record(0), record(1)])
+            .await
+            .unwrap();
+        delivery.accept([0, 1], vec![record(2)]).await.unwrap();
+        assert!(!delivery.ready());
+        assert_eq!(
+            delivery.accept([0, 1], vec![record(3)]).await,
+            Err(DeliveryError::Full)
+        );
+        let status = delivery.sinks_status();
+        assert_eq!(
+            (status[0].records_waiting, status[1].records_waiting),
+            (1, 3),
+            "no copy taken by the sink that still had room"
+        );
+        let mut big = record(4);
+        big.body
+            .columns
+            .insert("x".into(), "y".repeat(MAX_RECORD_BYTES));
+        assert_eq!(
+            delivery.accept(0, vec![big]).await,
+            Err(DeliveryError::TooLarge)
+        );
+        delivery.finish(Duration::from_millis(100));
+    }
+}

@@ -65,6 +65,8 @@ pub struct DiskLog {
     /// Records appended and not yet delivered (those from before a restart are counted in the
     /// background after the start, so the number is low for a moment).
     records: AtomicU64,
+    /// The size of the last append (or refused append): what [`DiskLog::has_room`] makes room for.
+    last_push: AtomicU64,
     /// The last append failed (a full disk): not ready until one succeeds.
     errors: Mutex<WriteErrors>,
     failing: AtomicBool,
@@ -169,6 +171,7 @@ impl DiskLog {
             arrived: Notify::new(),
             spool_bytes: AtomicU64::new(recovered.spool),
             records: AtomicU64::new(0),
+            last_push: AtomicU64::new(HEADER as u64),
             errors: Mutex::new(WriteErrors::default()),
             failing: AtomicBool::new(false),
             owner: AtomicBool::new(owner),
@@ -219,9 +222,10 @@ impl DiskLog {
         self.arrived.notify_one();
     }
 
-    /// `true` while the buffer has room.
+    /// `true` while the buffer has room for another append as large as the last one.
     pub fn has_room(&self) -> bool {
-        self.spool_bytes.load(Ordering::Relaxed) < self.max_bytes
+        self.spool_bytes.load(Ordering::Relaxed) + self.last_push.load(Ordering::Relaxed)
+            <= self.max_bytes
     }
 
     /// Bytes waiting in the buffer.

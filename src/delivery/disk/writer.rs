@@ -87,6 +87,7 @@ impl DiskLog {
             }
         }
         let size = frames.len() as u64;
+        self.last_push.store(size, Ordering::Relaxed);
         let (mut done, lead) = {
             let mut state = lock(&self.write);
             if state.closed {
