@@ -238,9 +238,11 @@ impl DiskLog {
         metrics::SPOOL_BYTES
             .with_label_values(&[&self.sink])
             .set(self.spool_bytes.load(Ordering::Relaxed) as i64);
+        // Should the checkpoint not be written (a full disk), the delivered segments still go:
+        // after a restart, reading starts at the first segment that is left (some records may
+        // be sent again; none is lost), and deleting them is what frees the space.
         if let Err(e) = write_checkpoint(&self.dir, at) {
-            error!("sink {}: cannot write the checkpoint (records may be sent again after a restart): {e}", self.sink);
-            return;
+            warn!("sink {}: cannot write the checkpoint (records may be sent again after a restart): {e}", self.sink);
         }
         let live = lock(&self.write).end.segment;
         let Ok(segments) = segments(&self.dir) else {

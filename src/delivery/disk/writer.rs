@@ -225,9 +225,12 @@ impl DiskLog {
             }
             Err(e) => {
                 self.failing.store(true, Ordering::Relaxed);
-                // Cut back whatever part was written, so the log holds whole frames only. Should
-                // even that fail, continue in a new segment: the reader skips the torn tail.
-                if f.set_len(live.end.offset).is_err() {
+                // Cut back whatever part was written, so the log holds whole frames only (should
+                // even that fail, the reader skips the torn tail). Then continue in a new segment,
+                // so that this one is deleted once delivered: on a full disk, the space comes
+                // back as the sink catches up.
+                let cut = f.set_len(live.end.offset).is_ok();
+                if !cut || live.end.offset > 0 {
                     let next = live.end.segment + 1;
                     self.switch_segment(live, next, true);
                 }
