@@ -60,7 +60,7 @@ fn segments(buffer: &Path) -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
         .collect();
-    segs.sort_by(|a, b| b.0.cmp(&a.0));
+    segs.sort_by_key(|s| std::cmp::Reverse(s.0));
     segs.into_iter().map(|(_, p)| p).collect()
 }
 
