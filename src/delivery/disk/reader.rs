@@ -234,7 +234,10 @@ impl DiskLog {
             (read.at, std::mem::take(&mut read.consumed))
         };
         self.sub_records(n as u64);
-        self.spool_bytes.fetch_sub(consumed, Ordering::Relaxed);
+        if self.spool_bytes.fetch_sub(consumed, Ordering::Relaxed) == consumed {
+            // Nothing waits: forget what the estimate of records from a previous run got wrong.
+            self.sub_records(u64::MAX);
+        }
         metrics::SPOOL_BYTES
             .with_label_values(&[&self.sink])
             .set(self.spool_bytes.load(Ordering::Relaxed) as i64);

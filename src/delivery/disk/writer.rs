@@ -229,10 +229,11 @@ impl DiskLog {
                 // even that fail, the reader skips the torn tail). Then continue in a new segment,
                 // so that this one is deleted once delivered: on a full disk, the space comes
                 // back as the sink catches up.
+                // (Not past another process's segments during an upgrade: see switch_segment.)
                 let cut = f.set_len(live.end.offset).is_ok();
                 if !cut || live.end.offset > 0 {
                     let next = live.end.segment + 1;
-                    self.switch_segment(live, next, true);
+                    self.switch_segment(live, next, false);
                 }
                 self.log_write_error(&e);
                 Err(Arc::from(format!("cannot append to the buffer: {e}")))
