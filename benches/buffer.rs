@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use postback_proxy::config::{BufferKind, DeliveryConfig, FsyncPolicy};
 use postback_proxy::delivery::Delivery;
+use postback_proxy::delivery::{BufferKind, DeliveryConfig, FsyncPolicy};
 use postback_proxy::record::{Record, RecordBody};
 use postback_proxy::sink::{Batch, LogSink, Rejection, SinkError};
 use postback_proxy::units::{ByteSize, HumanDuration};

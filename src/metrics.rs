@@ -91,6 +91,28 @@ pub static SINK_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `sink_up{sink}`: 1 while the sink takes batches, 0 while it is down (its last batch failed, or
+/// it knows its peer unreachable); what `/sinks` says as `state`.
+pub static SINK_UP: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "sink_up",
+        "1 while the sink is up, 0 while it is down",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
+/// `delivery_buffer_write_errors_total{sink}`: appends to the disk buffer that failed (a full
+/// disk); each refused request was answered 503.
+pub static BUFFER_WRITE_ERRORS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "delivery_buffer_write_errors_total",
+        "Requests whose records could not be written to the disk buffer (answered 503)",
+        &["sink"]
+    )
+    .expect("metric registers once")
+});
+
 /// `sink_batch_records{sink}`: records per batch handed to a sink.
 pub static BATCH_RECORDS: Lazy<HistogramVec> = Lazy::new(|| {
     register_histogram_vec!(

@@ -1,20 +1,27 @@
-//! One sink's writer: batches from its queue into the sink, retried until delivered.
+//! One sink's lane: batches from its buffer into the sink, retried until delivered, on a thread
+//! and runtime of its own so that a sink that hangs delays no other sink.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use tokio::sync::watch;
 use tokio::time::sleep_until;
 
-use super::Lane;
-use crate::config::DeliveryConfig;
+use super::receiver::Receiver;
+use super::status::SinkState;
+use super::DeliveryConfig;
 use crate::metrics;
 use crate::record::Record;
 use crate::sink::{Batch, LogSink, Rejection};
+
+/// How often the lane asks the sink about its peer ([`LogSink::peer_down`]).
+const PEER_POLL: Duration = Duration::from_secs(1);
+
+/// How long a sink's close may take at shutdown.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How batches are formed and failures retried (`delivery.batch`, `delivery.retry`).
 #[derive(Clone, Debug)]
@@ -39,43 +46,77 @@ impl BatchPolicy {
     }
 }
 
-/// The writer of one lane.
-pub struct Writer {
-    lane: Arc<Lane>,
-    sink: Box<dyn LogSink>,
-    policy: BatchPolicy,
-    rejected_path: PathBuf,
+/// The lane of one sink.
+pub struct Lane {
+    pub name: String,
+    pub receiver: Receiver,
+    pub sink: Box<dyn LogSink>,
+    pub policy: BatchPolicy,
+    pub rejected_path: PathBuf,
+    pub state: Arc<SinkState>,
 }
 
-impl Writer {
-    /// The writer that moves `lane`'s records into `sink`.
-    pub fn new(
-        lane: Arc<Lane>,
-        sink: Box<dyn LogSink>,
-        policy: BatchPolicy,
-        rejected_path: PathBuf,
-    ) -> Self {
-        Writer {
-            lane,
-            sink,
-            policy,
-            rejected_path,
+impl Lane {
+    /// Runs the lane on a thread of its own, with its own current-thread runtime, until `closing`
+    /// is set and the buffer is drained (or the drain deadline passed).
+    pub fn spawn(
+        self,
+        closing: watch::Receiver<Option<Instant>>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("lane-{}", self.name))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        error!("sink {}: cannot start the delivery runtime: {e}", self.name);
+                        return;
+                    }
+                };
+                runtime.block_on(self.run(closing));
+            })
+    }
+
+    async fn run(self, closing: watch::Receiver<Option<Instant>>) {
+        tokio::select! {
+            _ = self.batches(closing) => {}
+            _ = self.watch_peer() => {}
+        }
+        match tokio::time::timeout(CLOSE_LIMIT, self.sink.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("sink {}: close failed: {e}", self.name),
+            Err(_) => error!(
+                "sink {}: close did not finish within {CLOSE_LIMIT:?}",
+                self.name
+            ),
         }
     }
 
-    /// Runs on the delivery thread until `closing` is set and the queue is empty.
-    pub async fn run(self, mut closing: watch::Receiver<Option<Instant>>) {
-        let mut batch = Vec::with_capacity(self.policy.max_records);
+    /// Asks the sink about its peer about once a second, also while a batch waits or retries.
+    async fn watch_peer(&self) {
+        let mut tick = tokio::time::interval(PEER_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.lane
-                .buffer
-                .take(&mut batch, self.policy.max_records, self.policy.max_bytes);
+            tick.tick().await;
+            self.state.peer(self.sink.peer_down());
+        }
+    }
+
+    /// Forms batches and delivers them until `closing` is set and the buffer is empty.
+    async fn batches(&self, mut closing: watch::Receiver<Option<Instant>>) {
+        let (max_records, max_bytes) = (self.policy.max_records, self.policy.max_bytes);
+        let mut batch = Vec::with_capacity(max_records);
+        loop {
+            batch = self.receiver.take(batch, max_records, max_bytes).await;
             if batch.is_empty() {
                 if closing.borrow().is_some() {
                     break;
                 }
                 tokio::select! {
-                    _ = self.lane.buffer.arrived() => {}
+                    _ = self.receiver.arrived() => {}
                     _ = closing.changed() => {}
                 }
                 continue;
@@ -83,60 +124,55 @@ impl Writer {
             // A batch that is not full waits out max_wait (unless shutting down) and takes what
             // arrived meanwhile. It is not woken per arrival: under load that would cost a
             // thread wake-up per request.
-            if batch.len() < self.policy.max_records && closing.borrow().is_none() {
+            if batch.len() < max_records && closing.borrow().is_none() {
                 tokio::select! {
                     _ = sleep_until(tokio::time::Instant::now() + self.policy.max_wait) => {}
                     _ = closing.changed() => {}
                 }
-                self.lane
-                    .buffer
-                    .take(&mut batch, self.policy.max_records, self.policy.max_bytes);
+                batch = self.receiver.take(batch, max_records, max_bytes).await;
             }
-            if self.deliver(&batch, &closing).await {
-                self.lane.buffer.delivered(batch.len());
+            let id = self.receiver.seal(&self.name).await;
+            if self.deliver(&Batch::new(&batch, id), &closing).await {
+                self.receiver.delivered(batch.len()).await;
                 batch.clear();
             } else {
-                self.lane.buffer.give_up(&self.lane.name, batch.len());
+                self.receiver.give_up(&self.name, batch.len());
                 break;
             }
-        }
-        if let Err(e) = self.sink.close().await {
-            error!("sink {}: close failed: {e}", self.lane.name);
         }
     }
 
     /// Writes `batch` until the sink takes it (`true`); at shutdown, gives up at the drain
     /// deadline (`false`).
-    async fn deliver(&self, batch: &[Record], closing: &watch::Receiver<Option<Instant>>) -> bool {
+    async fn deliver(&self, batch: &Batch<'_>, closing: &watch::Receiver<Option<Instant>>) -> bool {
         let mut backoff = self.policy.retry_initial;
         metrics::BATCH_RECORDS
-            .with_label_values(&[&self.lane.name])
+            .with_label_values(&[&self.name])
             .observe(batch.len() as f64);
         loop {
-            match self
-                .sink
-                .write_batch(&Batch::new(batch, String::new()))
-                .await
-            {
+            let result = tokio::select! {
+                result = self.sink.write_batch(batch) => result,
+                // A sink that never answers is given up on at the drain deadline too.
+                _ = drain_deadline(closing.clone()) => return false,
+            };
+            match result {
                 Ok(rejections) => {
-                    self.lane.healthy.store(true, Ordering::Relaxed);
                     let delivered = batch.len() - rejections.len();
+                    self.state.batch_delivered(delivered);
                     metrics::RECORDS
-                        .with_label_values(&[&self.lane.name, "delivered"])
+                        .with_label_values(&[&self.name, "delivered"])
                         .inc_by(delivered as u64);
                     if !rejections.is_empty() {
-                        self.write_rejected(batch, &rejections);
+                        self.write_rejected(batch, &rejections).await;
                     }
                     return true;
                 }
                 Err(e) => {
-                    self.lane.healthy.store(false, Ordering::Relaxed);
-                    metrics::SINK_ERRORS
-                        .with_label_values(&[&self.lane.name])
-                        .inc();
+                    self.state.batch_failed(&e.to_string());
+                    metrics::SINK_ERRORS.with_label_values(&[&self.name]).inc();
                     warn!(
                         "sink {}: batch of {} records failed, retrying in about {:?}: {e}",
-                        self.lane.name,
+                        self.name,
                         batch.len(),
                         backoff
                     );
@@ -154,47 +190,65 @@ impl Writer {
         }
     }
 
-    /// Appends records the sink refused for good to `rejected.jsonl`, with the reason.
-    fn write_rejected(&self, batch: &[Record], rejections: &[Rejection]) {
+    /// Appends records the sink refused for good to `rejected.jsonl`, with the reason (on the
+    /// blocking pool: a slow disk does not stall the lane's timers).
+    async fn write_rejected(&self, batch: &[Record], rejections: &[Rejection]) {
         metrics::RECORDS
-            .with_label_values(&[&self.lane.name, "rejected"])
+            .with_label_values(&[&self.name, "rejected"])
             .inc_by(rejections.len() as u64);
         let mut out = Vec::new();
         for r in rejections {
             let Some(record) = batch.get(r.index) else {
                 continue;
             };
-            let line =
-                serde_json::json!({"sink": self.lane.name, "reason": r.reason, "record": record});
+            let line = serde_json::json!({"sink": self.name, "reason": r.reason, "record": record});
             out.extend_from_slice(line.to_string().as_bytes());
             out.push(b'\n');
         }
-        let result = self
-            .rejected_path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.rejected_path)
-            })
-            .and_then(|mut f| f.write_all(&out));
+        let path = self.rejected_path.clone();
+        let result = tokio::task::spawn_blocking(move || append(&path, &out))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match result {
             Ok(()) => warn!(
                 "sink {}: {} records rejected for good, written to {}",
-                self.lane.name,
+                self.name,
                 rejections.len(),
                 self.rejected_path.display()
             ),
             Err(e) => error!(
                 "sink {}: {} records rejected for good and cannot be written to {}: {e}",
-                self.lane.name,
+                self.name,
                 rejections.len(),
                 self.rejected_path.display()
             ),
         }
     }
+}
+
+fn append(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(bytes)
+}
+
+/// Returns once the shutdown's drain deadline has passed (never while running).
+async fn drain_deadline(mut closing: watch::Receiver<Option<Instant>>) {
+    let deadline = loop {
+        if let Some(deadline) = *closing.borrow_and_update() {
+            break deadline;
+        }
+        if closing.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::time::sleep_until(deadline.into()).await;
 }
 
 /// A random duration between half of `d` and `d`, so that many proxies do not retry in step.

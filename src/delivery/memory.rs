@@ -1,26 +1,35 @@
-//! `buffer: memory`: a bounded in-memory queue per sink.
+//! `buffer: memory`: a bounded in-memory queue per sink; fast, and a crash loses what it holds.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use super::DeliveryError;
 use crate::metrics;
 use crate::record::Record;
+use crate::sync::lock;
 
 struct State {
     records: VecDeque<(Instant, Record)>,
     closed: bool,
+    /// Lengths of the records taken and not yet done with (delivered or given up).
+    taken_bytes: u64,
 }
 
-/// Records accepted for one sink and not yet handed to it.
+/// Records accepted for one sink and not yet delivered.
 pub struct MemoryQueue {
     sink: String,
     state: Mutex<State>,
     capacity: usize,
     arrived: Notify,
+    /// Records and bytes accepted and not yet done with (queued or in the batch in flight).
+    waiting: AtomicU64,
+    bytes: AtomicU64,
+    /// Numbers the batches: their ids are unique in this process only.
+    batches: AtomicU64,
 }
 
 impl MemoryQueue {
@@ -31,22 +40,23 @@ impl MemoryQueue {
             state: Mutex::new(State {
                 records: VecDeque::new(),
                 closed: false,
+                taken_bytes: 0,
             }),
             capacity,
             arrived: Notify::new(),
+            waiting: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes all of `records` or none of them.
     pub fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
         let n = records.len();
+        let bytes: usize = records.iter().map(Record::approx_len).sum();
         let now = Instant::now();
         {
-            let mut state = self.lock();
+            let mut state = lock(&self.state);
             if state.closed {
                 return Err(DeliveryError::Closed);
             }
@@ -55,6 +65,8 @@ impl MemoryQueue {
             }
             state.records.extend(records.into_iter().map(|r| (now, r)));
         }
+        self.waiting.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         metrics::RECORDS
             .with_label_values(&[&self.sink, "accepted"])
             .inc_by(n as u64);
@@ -67,7 +79,7 @@ impl MemoryQueue {
 
     /// Moves up to `max_records` records (and about `max_bytes`) into `batch`; returns how many.
     pub fn take(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         let mut bytes: usize = batch.iter().map(Record::approx_len).sum();
         let mut taken = 0;
         while batch.len() < max_records {
@@ -79,10 +91,17 @@ impl MemoryQueue {
                 break;
             }
             bytes += len;
+            state.taken_bytes += len as u64;
             batch.extend(state.records.pop_front().map(|(_, r)| r));
             taken += 1;
         }
         taken
+    }
+
+    /// An id for the batch about to be sent: unique in this process (at least once only).
+    pub fn batch_id(&self) -> String {
+        let n = self.batches.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{}-{n:x}", process_id(), self.sink)
     }
 
     /// Waits until records may have arrived since the last call.
@@ -92,24 +111,56 @@ impl MemoryQueue {
 
     /// Refuses further records; those queued stay to be taken.
     pub fn close(&self) {
-        self.lock().closed = true;
+        lock(&self.state).closed = true;
         self.arrived.notify_one();
     }
 
     /// `true` while the queue has room.
     pub fn has_room(&self) -> bool {
-        self.lock().records.len() < self.capacity
+        lock(&self.state).records.len() < self.capacity
     }
 
     /// How long the oldest queued record has waited.
-    pub fn oldest_age(&self) -> Option<std::time::Duration> {
-        self.lock().records.front().map(|(t, _)| t.elapsed())
+    pub fn oldest_age(&self) -> Option<Duration> {
+        lock(&self.state).records.front().map(|(t, _)| t.elapsed())
     }
 
-    /// `n` records were delivered or given up: lowers the queue gauge.
+    /// Records accepted and not yet delivered (queued, or in the batch in flight).
+    pub fn records_waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// About how many bytes of records wait (their JSON length).
+    pub fn bytes_waiting(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The `n` records taken last were delivered or given up: lowers the counts.
     pub fn done(&self, n: usize) {
+        let bytes = std::mem::take(&mut lock(&self.state).taken_bytes);
+        let _ = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_sub(n as u64))
+            });
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            });
         metrics::QUEUE_RECORDS
             .with_label_values(&[&self.sink])
             .sub(n as i64);
     }
+}
+
+/// This process, in a batch id: its pid and start time, so a restart does not reuse ids.
+fn process_id() -> &'static str {
+    static ID: once_cell::sync::Lazy<String> = once_cell::sync::Lazy::new(|| {
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        format!("{:x}{:x}", std::process::id(), start)
+    });
+    &ID
 }

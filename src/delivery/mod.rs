@@ -1,21 +1,32 @@
 //! Delivery: from accepted records to sinks, at least once.
 //!
 //! [`Delivery`] owns one lane per configured sink. [`Delivery::accept`] is what the proxy awaits
-//! before it answers a postback: once it returns `Ok`, the records are the lane's responsibility.
-//! A lane is a buffer ([`disk::DiskLog`], the default, which survives a crash; or
-//! [`memory::MemoryQueue`]) and a writer on the delivery thread that forms batches
-//! (`max_records`, `max_bytes`, `max_wait`), hands them to the sink, retries a failing sink with
-//! exponential backoff and jitter for as long as it takes, and only then releases the batch from
-//! the buffer. Records the sink refuses for good go to `{dir}/rejected.jsonl`.
+//! before it answers a postback: once it returns `Ok`, the records are in the buffer of every
+//! sink the route names, and each lane is responsible for its copy. A sink's buffer is
+//! [`disk::DiskLog`] (the default, which survives a crash) or [`memory::MemoryQueue`]; requests
+//! reach it through its [`Sender`], the lane through its [`Receiver`].
 //!
-//! The delivery thread is started by [`Delivery::start`] (from a Pingora background service, so it
-//! runs after a `--daemon` fork) and stopped by [`Delivery::finish`] after the server has stopped
-//! answering: it delivers what the sinks take before the deadline; with the disk buffer the rest
+//! Each lane ([`lane`]) runs on a thread and runtime of its own: it forms batches
+//! (`max_records`, `max_bytes`, `max_wait`), hands them to the sink with a stable id, retries a
+//! failing sink with exponential backoff and jitter for as long as it takes, and only then
+//! releases the batch from the buffer. Records the sink refuses for good go to
+//! `{dir}/rejected.jsonl`. Its [`SinkStatus`] (`/sinks`, `sink_up`) says whether the sink is up.
+//!
+//! [`Delivery::ready`] is `/readyz`: every buffer has room and can be written, and no shutdown
+//! has begun. A failing sink does not make it false: the buffers are there to absorb outages.
+//!
+//! The lanes are started by [`Delivery::start`] (from a Pingora background service, so they run
+//! after a `--daemon` fork) and stopped by [`Delivery::finish`] after the server has stopped
+//! answering: they deliver what the sinks take before the deadline; with the disk buffer the rest
 //! stays on disk for the next start.
 
+pub mod config;
 pub mod disk;
 mod lane;
 pub mod memory;
+pub mod receiver;
+pub mod sender;
+pub mod status;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,17 +36,71 @@ use std::time::{Duration, Instant};
 use log::{error, info};
 use tokio::sync::watch;
 
-use crate::config::{BufferKind, DeliveryConfig, Problem, WhenFull};
+use crate::config::Problem;
 use crate::metrics;
-use crate::postback::route::SinkId;
 use crate::record::Record;
 use crate::sink::LogSink;
+use crate::sync::lock;
 
+pub use config::{BatchConfig, BufferKind, DeliveryConfig, FsyncPolicy, RetryConfig, WhenFull};
 use disk::DiskLog;
 pub use lane::BatchPolicy;
 use memory::MemoryQueue;
+pub use receiver::Receiver;
+pub use sender::Sender;
+pub use status::SinkStatus;
 
-/// Why records were not accepted; the proxy answers 503 with `Retry-After`.
+/// Index of a sink in [`Delivery`], resolved from the sink's name at start-up (the order of the
+/// sinks given to [`Delivery::open`]).
+pub type SinkId = usize;
+
+/// The sinks one request's records go to: a single [`SinkId`], or several (`&[SinkId]`,
+/// `&Vec<SinkId>`, `[SinkId; N]`).
+pub trait Sinks {
+    /// The ids, in order.
+    fn ids(&self) -> &[SinkId];
+}
+
+impl Sinks for SinkId {
+    fn ids(&self) -> &[SinkId] {
+        std::slice::from_ref(self)
+    }
+}
+
+impl Sinks for [SinkId] {
+    fn ids(&self) -> &[SinkId] {
+        self
+    }
+}
+
+impl<const N: usize> Sinks for [SinkId; N] {
+    fn ids(&self) -> &[SinkId] {
+        self
+    }
+}
+
+impl Sinks for Vec<SinkId> {
+    fn ids(&self) -> &[SinkId] {
+        self
+    }
+}
+
+impl<T: Sinks + ?Sized> Sinks for &T {
+    fn ids(&self) -> &[SinkId] {
+        (**self).ids()
+    }
+}
+
+/// The largest record (its JSON) the disk buffer takes: a longer one is refused with
+/// [`DeliveryError::TooLarge`] before the client is answered.
+pub const MAX_RECORD_BYTES: usize = disk::MAX_FRAME_PAYLOAD;
+
+/// The largest `postback.max_body_bytes` whose records always fit [`MAX_RECORD_BYTES`]: a record's
+/// JSON can be up to six times the body it came from (every byte escaped as `\u00XX`).
+pub const MAX_BODY_BYTES: u64 = (MAX_RECORD_BYTES / 6) as u64;
+
+/// Why records were not accepted: the proxy answers 503 with `Retry-After`, or 413 for
+/// [`DeliveryError::TooLarge`].
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {
     #[error("the delivery buffer is full")]
@@ -44,74 +109,29 @@ pub enum DeliveryError {
     Closed,
     #[error("the delivery buffer cannot be written")]
     Failed,
+    #[error("the record is larger than the delivery buffer takes")]
+    TooLarge,
 }
 
-/// Where a lane's records wait.
-pub enum Buffer {
-    Memory(MemoryQueue),
+/// A sink's buffer, shared by its sender and receiver sides.
+#[derive(Clone)]
+enum Buffer {
+    Memory(Arc<MemoryQueue>),
     Disk(Arc<DiskLog>),
 }
 
 impl Buffer {
-    async fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
+    fn records_waiting(&self) -> u64 {
         match self {
-            Buffer::Memory(q) => q.push(records),
-            Buffer::Disk(d) => d.push(records).await,
+            Buffer::Memory(q) => q.records_waiting(),
+            Buffer::Disk(d) => d.records_waiting(),
         }
     }
 
-    fn take(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
+    fn bytes_waiting(&self) -> u64 {
         match self {
-            Buffer::Memory(q) => q.take(batch, max_records, max_bytes),
-            Buffer::Disk(d) => d.take(batch, max_records, max_bytes),
-        }
-    }
-
-    async fn arrived(&self) {
-        match self {
-            Buffer::Memory(q) => q.arrived().await,
-            Buffer::Disk(d) => d.arrived().await,
-        }
-    }
-
-    /// The last batch taken (`n` records) is with the sink.
-    fn delivered(&self, n: usize) {
-        match self {
-            Buffer::Memory(q) => q.done(n),
-            Buffer::Disk(d) => d.ack(),
-        }
-    }
-
-    /// The last batch taken could not be delivered before the shutdown deadline.
-    fn give_up(&self, sink: &str, n: usize) {
-        match self {
-            Buffer::Memory(q) => {
-                error!("sink {sink}: giving up at shutdown; {n} records were not delivered and are lost");
-                metrics::RECORDS
-                    .with_label_values(&[sink, "lost"])
-                    .inc_by(n as u64);
-                q.done(n);
-            }
-            Buffer::Disk(d) => {
-                info!(
-                    "sink {sink}: {n} records (and any after them) stay in the disk buffer for the next start ({} bytes)",
-                    d.spool_bytes()
-                );
-            }
-        }
-    }
-
-    fn close(&self) {
-        match self {
-            Buffer::Memory(q) => q.close(),
-            Buffer::Disk(d) => d.close(),
-        }
-    }
-
-    fn has_room(&self) -> bool {
-        match self {
-            Buffer::Memory(q) => q.has_room(),
-            Buffer::Disk(d) => d.has_room(),
+            Buffer::Memory(q) => q.bytes_waiting(),
+            Buffer::Disk(d) => d.spool_bytes(),
         }
     }
 
@@ -123,57 +143,31 @@ impl Buffer {
     }
 }
 
-/// What the proxy side and the writer of one lane share.
-pub struct Lane {
-    pub name: String,
-    pub buffer: Buffer,
-    /// Cleared while the sink fails, set again when it takes a batch.
-    pub healthy: AtomicBool,
+/// What [`Delivery`] keeps of each lane: the sender side, the state, and the buffer's figures.
+struct LaneHandle {
+    name: String,
+    sender: Sender,
+    buffer: Buffer,
+    state: Arc<status::SinkState>,
 }
 
 /// Accepted records on their way to the sinks.
 pub struct Delivery {
-    lanes: Vec<Arc<Lane>>,
-    writers: Mutex<Vec<lane::Writer>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    lanes: Vec<LaneHandle>,
+    /// The lanes' delivering halves, until [`Delivery::start`] moves them to their threads.
+    pending: Mutex<Vec<lane::Lane>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     /// `None` while running; at shutdown, the instant after which a failing sink is given up on.
     closing: watch::Sender<Option<Instant>>,
     started: AtomicBool,
+    shutting_down: AtomicBool,
     when_full: WhenFull,
 }
 
 impl Delivery {
     /// Checks `delivery:`; problems name the field.
     pub fn validate(cfg: &DeliveryConfig) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if cfg.queue_records == 0 {
-            problems.push(Problem::new("delivery.queue_records", "must be at least 1"));
-        }
-        if cfg.max_bytes.0 < 4096 {
-            problems.push(Problem::new("delivery.max_bytes", "must be at least 4KiB"));
-        }
-        if cfg.dir.as_os_str().is_empty() {
-            problems.push(Problem::new("delivery.dir", "must not be empty"));
-        }
-        if cfg.batch.max_records == 0 {
-            problems.push(Problem::new(
-                "delivery.batch.max_records",
-                "must be at least 1",
-            ));
-        }
-        if cfg.batch.max_bytes.0 == 0 {
-            problems.push(Problem::new(
-                "delivery.batch.max_bytes",
-                "must be more than 0",
-            ));
-        }
-        if cfg.retry.initial.0.is_zero() || cfg.retry.initial > cfg.retry.max {
-            problems.push(Problem::new(
-                "delivery.retry.initial",
-                "must be more than 0 and at most delivery.retry.max",
-            ));
-        }
-        problems
+        cfg.problems()
     }
 
     /// One lane per `(name, sink)`, in [`SinkId`] order; opens the disk buffers (recovering what a
@@ -186,10 +180,12 @@ impl Delivery {
         let policy = BatchPolicy::from_config(cfg);
         let rejected_path = cfg.dir.join("rejected.jsonl");
         let mut lanes = Vec::new();
-        let mut writers = Vec::new();
+        let mut pending = Vec::new();
         for (name, sink) in sinks {
             let buffer = match cfg.buffer {
-                BufferKind::Memory => Buffer::Memory(MemoryQueue::new(&name, cfg.queue_records)),
+                BufferKind::Memory => {
+                    Buffer::Memory(Arc::new(MemoryQueue::new(&name, cfg.queue_records)))
+                }
                 BufferKind::Disk => Buffer::Disk(Arc::new(DiskLog::open(
                     &name,
                     &cfg.dir,
@@ -197,56 +193,112 @@ impl Delivery {
                     cfg.fsync,
                 )?)),
             };
-            let lane = Arc::new(Lane {
-                name,
-                buffer,
-                healthy: AtomicBool::new(true),
-            });
-            writers.push(lane::Writer::new(
-                lane.clone(),
+            let state = Arc::new(status::SinkState::new(&name));
+            pending.push(lane::Lane {
+                name: name.clone(),
+                receiver: Receiver(buffer.clone()),
                 sink,
-                policy.clone(),
-                rejected_path.clone(),
-            ));
-            lanes.push(lane);
+                policy: policy.clone(),
+                rejected_path: rejected_path.clone(),
+                state: state.clone(),
+            });
+            lanes.push(LaneHandle {
+                name,
+                sender: Sender(buffer.clone()),
+                buffer,
+                state,
+            });
         }
         Ok(Delivery {
             lanes,
-            writers: Mutex::new(writers),
-            thread: Mutex::new(None),
+            pending: Mutex::new(pending),
+            threads: Mutex::new(Vec::new()),
             closing,
             started: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
             when_full: cfg.when_full,
         })
     }
 
-    /// Runs for every accepted postback, before the answer: takes `records` for the sink `sink`.
-    /// `Ok` means the records will reach the sink (or were counted as dropped under
-    /// `when_full: drop`); `Err` means none were taken.
-    pub async fn accept(&self, sink: SinkId, records: Vec<Record>) -> Result<(), DeliveryError> {
-        if records.is_empty() {
+    /// Runs for every accepted postback, before the answer: gives `records` to every sink in
+    /// `sinks` (a route may name several; each gets every record through its own buffer).
+    ///
+    /// `Ok` means every named buffer took the records (or, under `when_full: drop`, a full one
+    /// counted them as dropped). Under `when_full: reject`, every buffer must have room before
+    /// any takes them; should a later buffer still fail (a full disk, or a race for the last
+    /// room) after an earlier one took the records, the answer is an error (503) and the earlier
+    /// copy stays: a client's retry makes a duplicate there, never a loss.
+    pub async fn accept(
+        &self,
+        sinks: impl Sinks,
+        records: Vec<Record>,
+    ) -> Result<(), DeliveryError> {
+        let sinks = sinks.ids();
+        if records.is_empty() || sinks.is_empty() {
             return Ok(());
         }
-        let Some(lane) = self.lanes.get(sink) else {
-            return Err(DeliveryError::Closed);
-        };
+        let mut lanes = Vec::with_capacity(sinks.len());
+        for &id in sinks {
+            lanes.push(self.lanes.get(id).ok_or(DeliveryError::Closed)?);
+        }
+        if records.iter().any(|r| r.approx_len() > MAX_RECORD_BYTES) {
+            return Err(DeliveryError::TooLarge);
+        }
+        if self.when_full == WhenFull::Reject && lanes.iter().any(|l| !l.sender.has_room()) {
+            return Err(DeliveryError::Full);
+        }
         let n = records.len() as u64;
-        match lane.buffer.push(records).await {
-            Err(DeliveryError::Full) if self.when_full == WhenFull::Drop => {
-                metrics::RECORDS
-                    .with_label_values(&[&lane.name, "dropped"])
-                    .inc_by(n);
-                Ok(())
+        let mut records = records;
+        let last = lanes.len() - 1;
+        for (i, lane) in lanes.into_iter().enumerate() {
+            let copy = if i == last {
+                std::mem::take(&mut records)
+            } else {
+                records.clone()
+            };
+            match lane.sender.push(copy).await {
+                Ok(()) => {}
+                Err(DeliveryError::Full) if self.when_full == WhenFull::Drop => {
+                    metrics::RECORDS
+                        .with_label_values(&[&lane.name, "dropped"])
+                        .inc_by(n);
+                }
+                Err(e) => return Err(e),
             }
-            result => result,
+        }
+        Ok(())
+    }
+
+    /// `/readyz`: `true` while this instance can accept postbacks: no shutdown has begun, every
+    /// buffer can be written (no full disk), and under `when_full: reject` every buffer has
+    /// room. A failing sink alone never makes it `false`.
+    pub fn ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::SeqCst)
+            && self.lanes.iter().all(|l| {
+                l.sender.writable() && (self.when_full == WhenFull::Drop || l.sender.has_room())
+            })
+    }
+
+    /// The shutdown has begun (SIGTERM): from now on [`Delivery::ready`] is `false`. Records are
+    /// still accepted until [`Delivery::finish`].
+    pub fn shutting_down(&self) {
+        if !self.shutting_down.swap(true, Ordering::SeqCst) {
+            info!("shutting down: no longer ready");
         }
     }
 
-    /// `true` while every sink takes records and every buffer has room (`/readyz`).
-    pub fn ready(&self) -> bool {
+    /// `/sinks`: one entry per sink, in [`SinkId`] order.
+    pub fn sinks_status(&self) -> Vec<SinkStatus> {
         self.lanes
             .iter()
-            .all(|l| l.healthy.load(Ordering::Relaxed) && l.buffer.has_room())
+            .map(|l| {
+                let mut s = l.state.status();
+                s.records_waiting = l.buffer.records_waiting();
+                s.bytes_waiting = l.buffer.bytes_waiting();
+                s.oldest_age_seconds = l.buffer.oldest_age().map_or(0.0, |d| d.as_secs_f64());
+                s
+            })
+            .collect()
     }
 
     /// Brings the gauges that are read rather than counted up to date; runs before each scrape.
@@ -259,8 +311,8 @@ impl Delivery {
         }
     }
 
-    /// Starts the delivery thread (and the disk writers). Called once, after any daemon fork;
-    /// later calls do nothing.
+    /// Starts one thread per lane (and the disk buffers' threads). Called once, after any daemon
+    /// fork; later calls do nothing.
     pub fn start(&self) -> std::io::Result<()> {
         if self.started.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -270,50 +322,169 @@ impl Delivery {
                 d.start_threads()?;
             }
         }
-        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|p| p.into_inner()));
-        let closing = self.closing.subscribe();
-        let handle = std::thread::Builder::new()
-            .name("delivery".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        error!("cannot start the delivery runtime: {e}");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let tasks: Vec<_> = writers
-                        .into_iter()
-                        .map(|w| tokio::spawn(w.run(closing.clone())))
-                        .collect();
-                    for task in tasks {
-                        let _ = task.await;
-                    }
-                });
-            })?;
-        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        let mut threads = lock(&self.threads);
+        for lane in pending {
+            threads.push(lane.spawn(self.closing.subscribe())?);
+        }
         Ok(())
     }
 
     /// Runs once at shutdown, after the server stopped answering: refuses new records, writes
     /// what is pending to the buffers, delivers what the sinks take before `deadline` passes,
-    /// closes the sinks and waits for the delivery thread.
+    /// closes the sinks and waits for the lanes.
     pub fn finish(&self, deadline: Duration) {
+        self.shutting_down();
         if let Err(e) = self.start() {
-            error!("cannot start the delivery thread to drain the buffers: {e}");
+            error!("cannot start the delivery lanes to drain the buffers: {e}");
             return;
         }
         for lane in &self.lanes {
-            lane.buffer.close();
+            lane.sender.close();
         }
         let _ = self.closing.send(Some(Instant::now() + deadline));
-        if let Some(handle) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for handle in threads {
             let _ = handle.join();
         }
         info!("delivery finished");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::RecordBody;
+    use crate::sink::{Batch, Rejection, SinkError};
+    use async_trait::async_trait;
+
+    /// Keeps what it gets, with the batch ids.
+    #[derive(Clone, Default)]
+    struct Keep(Arc<Mutex<Vec<(String, i64)>>>);
+
+    #[async_trait]
+    impl LogSink for Keep {
+        async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
+            let mut kept = lock(&self.0);
+            kept.extend(batch.iter().map(|r| (batch.id().to_owned(), r.body.time)));
+            Ok(Vec::new())
+        }
+    }
+
+    /// Never answers.
+    struct Hang;
+
+    #[async_trait]
+    impl LogSink for Hang {
+        async fn write_batch(&self, _batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
+            std::future::pending().await
+        }
+        fn peer_down(&self) -> Option<String> {
+            Some("no answer".into())
+        }
+    }
+
+    fn record(i: i64) -> Record {
+        Record {
+            database: "web".into(),
+            table: "t".into(),
+            body: RecordBody {
+                time: i,
+                columns: Default::default(),
+            },
+        }
+    }
+
+    fn cfg(buffer: BufferKind, dir: &std::path::Path) -> DeliveryConfig {
+        let mut cfg = DeliveryConfig {
+            buffer,
+            dir: dir.to_path_buf(),
+            queue_records: 3,
+            ..DeliveryConfig::default()
+        };
+        cfg.batch.max_wait = crate::units::HumanDuration::millis(5);
+        cfg
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn fan_out_reaches_every_sink_and_a_hung_sink_delays_no_other() {
+        for buffer in [BufferKind::Memory, BufferKind::Disk] {
+            let dir = tempfile::tempdir().unwrap();
+            let keep = Keep::default();
+            let sinks: Vec<(String, Box<dyn LogSink>)> = vec![
+                ("hang".into(), Box::new(Hang)),
+                ("keep".into(), Box::new(keep.clone())),
+            ];
+            let delivery = Delivery::open(&cfg(buffer, dir.path()), sinks).unwrap();
+            delivery.start().unwrap();
+            for i in 0..3 {
+                delivery.accept([0, 1], vec![record(i)]).await.unwrap();
+            }
+            wait_for("the kept sink has every record", || {
+                lock(&keep.0).len() == 3
+            });
+            let ids: Vec<i64> = lock(&keep.0).iter().map(|(_, t)| *t).collect();
+            assert_eq!(ids, vec![0, 1, 2]);
+            assert!(lock(&keep.0).iter().all(|(id, _)| !id.is_empty()));
+            wait_for("the hung sink is down", || {
+                delivery.sinks_status()[0].state == "down"
+            });
+            let status = delivery.sinks_status();
+            assert_eq!(status[0].name, "hang");
+            assert_eq!(status[0].last_error.as_deref(), Some("no answer"));
+            assert_eq!(status[0].records_waiting, 3);
+            assert_eq!((status[1].state, status[1].delivered), ("up", 3));
+            assert!(
+                delivery.ready(),
+                "a sink that hangs does not make it unready"
+            );
+            delivery.shutting_down();
+            assert!(!delivery.ready());
+            delivery.finish(Duration::from_millis(100));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_refuses_all_sinks_and_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks: Vec<(String, Box<dyn LogSink>)> = vec![
+            ("a".into(), Box::new(Keep::default())),
+            ("b".into(), Box::new(Keep::default())),
+        ];
+        let delivery = Delivery::open(&cfg(BufferKind::Memory, dir.path()), sinks).unwrap();
+        // Not started: nothing is delivered, the queues (3 records each) fill up.
+        delivery
+            .accept(1, vec![record(0), record(1)])
+            .await
+            .unwrap();
+        delivery.accept([0, 1], vec![record(2)]).await.unwrap();
+        assert!(!delivery.ready());
+        assert_eq!(
+            delivery.accept([0, 1], vec![record(3)]).await,
+            Err(DeliveryError::Full)
+        );
+        let status = delivery.sinks_status();
+        assert_eq!(
+            (status[0].records_waiting, status[1].records_waiting),
+            (1, 3),
+            "no copy taken by the sink that still had room"
+        );
+        let mut big = record(4);
+        big.body
+            .columns
+            .insert("x".into(), "y".repeat(MAX_RECORD_BYTES));
+        assert_eq!(
+            delivery.accept(0, vec![big]).await,
+            Err(DeliveryError::TooLarge)
+        );
+        delivery.finish(Duration::from_millis(100));
     }
 }

@@ -75,6 +75,10 @@ impl AdminApp {
                     )
                 }
             }
+            "/sinks" => match serde_json::to_vec(&self.delivery.sinks_status()) {
+                Ok(json) => answer(StatusCode::OK, "application/json", json),
+                Err(_) => answer(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "\n"),
+            },
             "/events/recent" => answer(StatusCode::OK, "application/json", self.live.recent_json()),
             _ => answer(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }

@@ -11,17 +11,14 @@ use serde::Deserialize;
 use super::client_ip::{ClientIpConfig, ClientIpPolicy};
 use super::live::LiveView;
 use super::postbacks::Postbacks;
-use crate::config::{DeliveryConfig, Problem, SinkConfig};
-use crate::delivery::Delivery;
+use crate::config::{Problem, SinkConfig};
+use crate::delivery::DeliveryConfig;
+use crate::delivery::{Delivery, MAX_BODY_BYTES};
 use crate::postback::auth::{AuthConfig, KeyStore};
 use crate::postback::config::PostbackConfig;
 use crate::postback::route::{default_routes, Route, RouteConfig, Router};
 use crate::postback::Postback;
 use crate::sink::{self, LogSink};
-
-/// The largest body a postback may have (`postback.max_body_bytes`), so that the record made of
-/// it always fits one frame of the disk buffer.
-const MAX_RECORD_BYTES: u64 = 32 << 20;
 
 /// The sections of the configuration file that [`Postbacks`] reads: `routes`, `auth`,
 /// `client_ip`, `postback`, `sinks` and `delivery`, with the same keys, defaults and checks as in
@@ -207,7 +204,7 @@ impl PostbacksBuilder {
         let client_ip = ClientIpPolicy::from_config(&cfg.client_ip).map_err(|p| problems.extend(p));
         let postback = match (keys, client_ip) {
             (Ok(keys), Ok(client_ip)) => {
-                Postback::from_config(&cfg.postback, keys, client_ip, MAX_RECORD_BYTES)
+                Postback::from_config(&cfg.postback, keys, client_ip, MAX_BODY_BYTES)
                     .map_err(|p| problems.extend(p))
                     .ok()
             }

@@ -22,7 +22,7 @@ use super::builder::{PostbacksBuilder, PostbacksConfig};
 use super::client_ip::ClientIpPolicy;
 use super::forwarded::{is_tls, peer_ip};
 use super::live::LiveView;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, DeliveryError};
 use crate::metrics;
 use crate::postback::reply::{ErrorKind, Refusal, Reply};
 use crate::postback::route::{Route, RouteMatch, Router};
@@ -207,21 +207,13 @@ impl Postbacks {
         };
         let outcome = self.postback.handle(target, &request)?;
         let shown = self.live.render(&route.template, &outcome.records);
-        // TODO(lead): one call with every sink once delivery takes a list.
-        let unavailable =
-            |e: crate::delivery::DeliveryError| Refusal::new(ErrorKind::Unavailable, e.to_string());
-        if let Some((last, others)) = route.sinks.split_last() {
-            for &sink in others {
-                self.delivery
-                    .accept(sink, outcome.records.clone())
-                    .await
-                    .map_err(unavailable)?;
-            }
-            self.delivery
-                .accept(*last, outcome.records)
-                .await
-                .map_err(unavailable)?;
-        }
+        self.delivery
+            .accept(&route.sinks, outcome.records)
+            .await
+            .map_err(|e| match e {
+                DeliveryError::TooLarge => Refusal::new(ErrorKind::PayloadTooLarge, e.to_string()),
+                _ => Refusal::new(ErrorKind::Unavailable, e.to_string()),
+            })?;
         if let Some(events) = shown {
             self.live.publish(events);
         }
@@ -281,7 +273,8 @@ impl BackgroundService for DeliveryService {
             error!("cannot start delivery: {e}");
         }
         let _ = shutdown.changed().await;
-        // TODO(lead): readiness off at once when delivery exposes it.
+        // From the moment SIGTERM arrives, load balancers are told to stop sending.
+        self.delivery.shutting_down();
         let Some(drain) = self.drain else {
             return;
         };

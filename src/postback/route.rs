@@ -76,8 +76,7 @@ pub(crate) fn default_routes() -> Vec<RouteConfig> {
     }]
 }
 
-/// Index of a sink in [`crate::delivery::Delivery`], resolved from the sink's name at start-up.
-pub type SinkId = usize;
+pub use crate::delivery::SinkId;
 
 /// `true` for a valid database or table name: ASCII letters, digits and `_`, 1 to 255 bytes.
 pub fn valid_name(name: &str) -> bool {

@@ -1,0 +1,325 @@
+//! Reading for the sink's lane: batches from the checkpoint on, up to the committed end; the
+//! batch's id and intent; acknowledgement (the checkpoint moves, delivered segments go).
+//!
+//! A damaged frame (a torn tail, a flipped bit, a length that cannot be) does not cost the rest
+//! of its segment: the reader looks for the next offset where a frame's header, checksum and
+//! record are valid, counts the bytes in between as skipped, and goes on from there.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use log::{error, info, warn};
+
+use super::checkpoint::{write_checkpoint, write_intent};
+use super::frame::{decode_frame, Frame, HEADER};
+use super::{segment_path, segments, since_ms, DiskLog, Position};
+use crate::metrics;
+use crate::record::Record;
+use crate::sync::lock;
+
+const READ_CHUNK: usize = 1 << 20;
+
+pub(super) struct ReadState {
+    pub at: Position,
+    /// Where the batch being formed (or in flight) starts: the checkpoint.
+    pub batch_start: Position,
+    /// Rebuilding the batch that was in flight before a restart: it ends here, whatever the
+    /// batch limits say.
+    pub rebuild_to: Option<Position>,
+    /// The batch is complete (rebuilt, or its intent written): nothing more joins it until it
+    /// is acknowledged.
+    pub sealed: bool,
+    /// Bytes of the current segment read into memory, starting at `chunk_start`.
+    pub chunk: Vec<u8>,
+    pub chunk_start: u64,
+    /// Bytes consumed (delivered or skipped) since the last checkpoint.
+    pub consumed: u64,
+    /// When the oldest record taken but not yet acknowledged was appended.
+    pub oldest_ms: Option<u64>,
+}
+
+impl ReadState {
+    /// Reading from `start`; `in_flight` is the batch a previous process sent and did not see
+    /// confirmed.
+    pub fn new(start: Position, in_flight: Option<(Position, Position)>) -> ReadState {
+        ReadState {
+            at: start,
+            batch_start: in_flight.map_or(start, |(from, _)| from),
+            rebuild_to: in_flight.map(|(_, to)| to),
+            sealed: false,
+            chunk: Vec::new(),
+            chunk_start: start.offset,
+            consumed: 0,
+            oldest_ms: None,
+        }
+    }
+}
+
+impl DiskLog {
+    /// Reads up to `max_records` records (about `max_bytes`) past what was already taken into
+    /// `batch`; returns how many. Called by the lane only. After a restart, the first batch is
+    /// the one that was in flight, exactly (its records, whatever the limits say).
+    pub fn take(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
+        if !self.owner.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let end = lock(&self.write).end;
+        let mut read = lock(&self.read);
+        if read.sealed {
+            return 0;
+        }
+        let (max_records, max_bytes) = if read.rebuild_to.is_some() {
+            (usize::MAX, usize::MAX)
+        } else {
+            (max_records, max_bytes)
+        };
+        let mut bytes = 0usize;
+        let mut taken = 0;
+        while batch.len() < max_records && bytes < max_bytes && read.at < end {
+            if let Some(to) = read.rebuild_to {
+                if read.at >= to {
+                    break;
+                }
+            }
+            let seg_end = if read.at.segment == end.segment {
+                end.offset
+            } else {
+                match std::fs::metadata(segment_path(&self.dir, read.at.segment)) {
+                    Ok(m) => m.len(),
+                    Err(_) => {
+                        // A missing segment: nothing to read there.
+                        next_segment(&mut read, 0);
+                        continue;
+                    }
+                }
+            };
+            if read.at.offset >= seg_end {
+                if read.at.segment == end.segment {
+                    break;
+                }
+                next_segment(&mut read, 0);
+                continue;
+            }
+            match self.read_frame(&mut read, seg_end) {
+                Ok(Frame::Record {
+                    record,
+                    appended_ms,
+                    size,
+                }) => {
+                    read.at.offset += size as u64;
+                    read.consumed += size as u64;
+                    read.oldest_ms.get_or_insert(appended_ms);
+                    bytes += size;
+                    batch.push(record);
+                    taken += 1;
+                }
+                Ok(Frame::Incomplete { .. }) | Ok(Frame::Corrupt(_)) => {
+                    self.resync(&mut read, seg_end, end);
+                }
+                Err(e) => {
+                    let skipped = seg_end - read.at.offset;
+                    error!(
+                        "sink {}: cannot read segment {} at offset {}, skipping its last {skipped} bytes: {e}",
+                        self.sink, read.at.segment, read.at.offset
+                    );
+                    self.skipped(&mut read, skipped, seg_end, end);
+                }
+            }
+        }
+        if let Some(to) = read.rebuild_to {
+            if read.at >= to || read.at >= end {
+                read.rebuild_to = None;
+                read.sealed = !batch.is_empty();
+            }
+        }
+        taken
+    }
+
+    /// The records taken since the last acknowledgement are the batch: makes its range durable
+    /// (the `intent` file, fsynced) and returns its id, which the same records get again after a
+    /// restart. An error means the intent could not be written: the batch may still be sent,
+    /// but after a crash it may be rebuilt differently (a duplicate, never a loss).
+    pub fn seal(&self) -> (String, std::io::Result<()>) {
+        let mut read = lock(&self.read);
+        let (from, to) = (read.batch_start, read.at);
+        let id = format!(
+            "{}-{:x}.{:x}-{:x}.{:x}",
+            self.id, from.segment, from.offset, to.segment, to.offset
+        );
+        let written = if read.sealed {
+            Ok(()) // rebuilt from the intent that is on disk
+        } else {
+            read.sealed = true;
+            write_intent(&self.dir, from, to)
+        };
+        (id, written)
+    }
+
+    /// Moves `read.at` past `skipped` bytes to `seg_end`, the end of its segment.
+    fn skipped(&self, read: &mut ReadState, skipped: u64, seg_end: u64, end: Position) {
+        metrics::SPOOL_SKIPPED_BYTES
+            .with_label_values(&[&self.sink])
+            .inc_by(skipped);
+        if read.at.segment == end.segment {
+            read.consumed += skipped;
+            read.at.offset = seg_end;
+        } else {
+            next_segment(read, skipped);
+        }
+    }
+
+    /// At a damaged frame: moves `read.at` to the next offset of the segment where a whole valid
+    /// frame starts (or to the segment's end), and counts what lies between as skipped.
+    fn resync(&self, read: &mut ReadState, seg_end: u64, end: Position) {
+        let from = read.at.offset;
+        let mut at = from + 1;
+        while at + HEADER as u64 <= seg_end {
+            read.at.offset = at;
+            if let Ok(Frame::Record { .. }) = self.read_frame(read, seg_end) {
+                let skipped = at - from;
+                warn!(
+                    "sink {}: skipped {skipped} bytes of corrupt data in segment {} at offset {from}",
+                    self.sink, read.at.segment
+                );
+                metrics::SPOOL_SKIPPED_BYTES
+                    .with_label_values(&[&self.sink])
+                    .inc_by(skipped);
+                read.consumed += skipped;
+                return;
+            }
+            at += 1;
+        }
+        read.at.offset = from;
+        let skipped = seg_end - from;
+        warn!(
+            "sink {}: skipping {skipped} bytes of torn or corrupt data at the end of segment {} (offset {from})",
+            self.sink, read.at.segment
+        );
+        self.skipped(read, skipped, seg_end, end);
+    }
+
+    /// The frame at `read.at`, reading the segment in chunks that never pass `seg_end`.
+    fn read_frame(&self, read: &mut ReadState, seg_end: u64) -> std::io::Result<Frame> {
+        let mut need = HEADER;
+        loop {
+            let at = read.at.offset;
+            let chunk_end = read.chunk_start + read.chunk.len() as u64;
+            if read.chunk_start <= at && at + need as u64 <= chunk_end {
+                match decode_frame(&read.chunk[(at - read.chunk_start) as usize..]) {
+                    Frame::Incomplete { need: n } => need = n,
+                    frame => return Ok(frame),
+                }
+            }
+            if at + need as u64 > seg_end {
+                return Ok(Frame::Incomplete { need });
+            }
+            let want = (seg_end - at).min(READ_CHUNK.max(need) as u64) as usize;
+            read.chunk.resize(want, 0);
+            let file = File::open(segment_path(&self.dir, read.at.segment))?;
+            file.read_exact_at(&mut read.chunk, at)?;
+            read.chunk_start = at;
+        }
+    }
+
+    /// The batch taken since the last call (`n` records) is delivered: move the checkpoint past
+    /// it and delete the segments left behind.
+    pub fn ack(&self, n: usize) {
+        let (at, consumed) = {
+            let mut read = lock(&self.read);
+            read.oldest_ms = None;
+            read.sealed = false;
+            read.batch_start = read.at;
+            (read.at, std::mem::take(&mut read.consumed))
+        };
+        self.sub_records(n as u64);
+        if self.spool_bytes.fetch_sub(consumed, Ordering::Relaxed) == consumed {
+            // Nothing waits: forget what the estimate of records from a previous run got wrong.
+            self.sub_records(u64::MAX);
+        }
+        metrics::SPOOL_BYTES
+            .with_label_values(&[&self.sink])
+            .set(self.spool_bytes.load(Ordering::Relaxed) as i64);
+        // Should the checkpoint not be written (a full disk), the delivered segments still go:
+        // after a restart, reading starts at the first segment that is left (some records may
+        // be sent again; none is lost), and deleting them is what frees the space.
+        if let Err(e) = write_checkpoint(&self.dir, at) {
+            warn!("sink {}: cannot write the checkpoint (records may be sent again after a restart): {e}", self.sink);
+        }
+        let live = lock(&self.write).end.segment;
+        let Ok(segments) = segments(&self.dir) else {
+            return;
+        };
+        for seg in segments {
+            if seg < at.segment && seg < live {
+                if let Err(e) = std::fs::remove_file(segment_path(&self.dir, seg)) {
+                    warn!(
+                        "sink {}: cannot delete delivered segment {seg}: {e}",
+                        self.sink
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits until records may have been appended since the last call.
+    pub async fn arrived(&self) {
+        self.arrived.notified().await
+    }
+
+    /// Age of the oldest record not yet delivered, if one is being delivered now.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        lock(&self.read).oldest_ms.map(since_ms)
+    }
+
+    /// Counts the frames from the read position to the end of the segments before the live one
+    /// (what a previous process left) and adds them to the records waiting. With `replace`, the
+    /// count replaces the number instead (after a takeover, every segment is counted).
+    pub(super) fn count_recovered(&self, replace: bool) {
+        let from = lock(&self.read).at;
+        let live = lock(&self.write).end.segment;
+        let mut n = 0u64;
+        for seg in segments(&self.dir).unwrap_or_default() {
+            if seg < from.segment || (!replace && seg >= live) {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(segment_path(&self.dir, seg)) else {
+                continue;
+            };
+            let mut at = if seg == from.segment {
+                from.offset as usize
+            } else {
+                0
+            };
+            while at + HEADER <= bytes.len() {
+                let len =
+                    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+                if len == 0 {
+                    break;
+                }
+                at += HEADER + len as usize;
+                if at <= bytes.len() {
+                    n += 1;
+                }
+            }
+        }
+        if replace {
+            self.records.store(0, Ordering::Relaxed);
+        }
+        self.add_records(n);
+        if n > 0 {
+            info!("sink {}: about {n} records wait in the buffer", self.sink);
+        }
+    }
+}
+
+fn next_segment(read: &mut ReadState, skipped: u64) {
+    read.consumed += skipped;
+    read.at = Position {
+        segment: read.at.segment + 1,
+        offset: 0,
+    };
+    read.chunk.clear();
+    read.chunk_start = 0;
+}

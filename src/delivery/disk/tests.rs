@@ -1,0 +1,280 @@
+//! The disk buffer as a whole: appends, reads, restarts, rotation, takeover, full buffers.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::delivery::DeliveryError;
+use crate::record::{Record, RecordBody};
+use crate::units::HumanDuration;
+
+fn record(i: usize) -> Record {
+    Record {
+        database: "web".into(),
+        table: "t".into(),
+        body: RecordBody {
+            time: i as i64,
+            columns: [("i".to_string(), i.to_string())].into_iter().collect(),
+        },
+    }
+}
+
+fn open_segments(dir: &Path, max: u64, segment_bytes: u64) -> Arc<DiskLog> {
+    let fsync = FsyncPolicy::Every(HumanDuration::millis(50));
+    let log = DiskLog::open_with_segments("main", dir, max, fsync, segment_bytes);
+    let log = Arc::new(log.unwrap());
+    log.start_threads().unwrap();
+    log
+}
+
+fn open(dir: &Path, max: u64) -> Arc<DiskLog> {
+    open_segments(dir, max, 1 << 20)
+}
+
+fn take_all(log: &DiskLog) -> Vec<i64> {
+    let mut batch = Vec::new();
+    while log.take(&mut batch, 1000, 1 << 20) > 0 {}
+    batch.iter().map(|r| r.body.time).collect()
+}
+
+#[tokio::test]
+async fn appends_read_back_and_resume_at_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 1 << 30);
+    for i in 0..10 {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+    let mut batch = Vec::new();
+    assert_eq!(log.take(&mut batch, 4, 1 << 20), 4);
+    log.ack(0);
+    assert_eq!(log.take(&mut Vec::new(), 3, 1 << 20), 3); // taken, never acknowledged
+    log.close();
+    drop(log);
+
+    // After a restart the unacknowledged records come again; new appends follow them.
+    let log = open(dir.path(), 1 << 30);
+    log.push(vec![record(10), record(11)]).await.unwrap();
+    assert_eq!(take_all(&log), (4..12).collect::<Vec<_>>());
+    log.ack(0);
+    assert_eq!(log.spool_bytes(), 0);
+    log.close();
+}
+
+#[tokio::test]
+async fn torn_tail_is_skipped_and_the_rest_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 1 << 30);
+    log.push((0..3).map(record).collect()).await.unwrap();
+    log.close();
+    drop(log);
+    // A crash in the middle of a write: half a frame at the end of the segment.
+    let seg = segment_path(&dir.path().join("main"), 1);
+    let mut half = Vec::new();
+    encode_frame(&record(99), 1, &mut half);
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&half[..half.len() / 2]).unwrap();
+    drop(f);
+
+    let log = open(dir.path(), 1 << 30);
+    log.push(vec![record(3)]).await.unwrap();
+    assert_eq!(take_all(&log), vec![0, 1, 2, 3]);
+    log.ack(0);
+    assert_eq!(log.spool_bytes(), 0);
+    log.close();
+}
+
+#[tokio::test]
+async fn segments_rotate_and_delivered_ones_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_segments(dir.path(), 1 << 30, 200);
+    for i in 0..20 {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+    let count = || {
+        std::fs::read_dir(dir.path().join("main"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".log")
+            })
+            .count()
+    };
+    assert!(count() > 3, "rotated into several segments");
+    assert_eq!(take_all(&log), (0..20).collect::<Vec<_>>());
+    log.ack(0);
+    assert!(count() <= 2, "delivered segments deleted");
+    log.close();
+}
+
+#[tokio::test]
+async fn a_second_process_appends_and_takes_over_when_the_first_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = open(dir.path(), 1 << 30);
+    old.push(vec![record(0), record(1)]).await.unwrap();
+    // The new process during an upgrade: the lock is held, so it appends but does not read.
+    let new = open(dir.path(), 1 << 30);
+    new.push(vec![record(2)]).await.unwrap();
+    assert_eq!(take_all(&new), Vec::<i64>::new());
+    old.push(vec![record(3)]).await.unwrap();
+    // The old one delivers part of its records, then exits.
+    let mut batch = Vec::new();
+    old.take(&mut batch, 1, 1 << 20);
+    old.ack(0);
+    old.close();
+    drop(old); // releases the lock
+    new.push(vec![record(4)]).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        got.extend(take_all(&new));
+        if got.len() >= 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    got.sort();
+    assert_eq!(got, vec![1, 2, 3, 4]);
+    new.ack(0);
+    assert_eq!(new.spool_bytes(), 0);
+    new.close();
+}
+
+#[tokio::test]
+async fn full_buffer_refuses_and_drop_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 300);
+    let mut refused = 0;
+    for i in 0..10 {
+        if log.push(vec![record(i)]).await == Err(DeliveryError::Full) {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0);
+    let accepted = take_all(&log);
+    assert_eq!(accepted.len(), 10 - refused);
+    log.ack(0);
+    assert!(
+        log.push(vec![record(50)]).await.is_ok(),
+        "room again once delivered"
+    );
+    log.close();
+}
+
+#[tokio::test]
+async fn a_flipped_bit_mid_segment_skips_only_the_damaged_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 1 << 30);
+    for i in 0..10 {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+    log.close();
+    drop(log);
+    // Flip a bit in the payload of the fourth frame.
+    let seg = segment_path(&dir.path().join("main"), 1);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let frame = bytes.len() / 10;
+    bytes[3 * frame + HEADER + 5] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let before = metrics::SPOOL_SKIPPED_BYTES
+        .with_label_values(&["main"])
+        .get();
+    let log = open(dir.path(), 1 << 30);
+    log.push(vec![record(10)]).await.unwrap();
+    let mut want: Vec<i64> = (0..11).filter(|i| *i != 3).collect();
+    want.sort();
+    assert_eq!(take_all(&log), want);
+    let skipped = metrics::SPOOL_SKIPPED_BYTES
+        .with_label_values(&["main"])
+        .get()
+        - before;
+    assert!(skipped >= frame as u64, "counted {skipped} skipped bytes");
+    log.ack(10);
+    assert_eq!(log.spool_bytes(), 0);
+    log.close();
+}
+
+#[tokio::test]
+async fn a_damaged_length_does_not_cost_the_rest_of_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 1 << 30);
+    for i in 0..6 {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+    log.close();
+    drop(log);
+    let seg = segment_path(&dir.path().join("main"), 1);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let frame = bytes.len() / 6;
+    // A plausible length that runs past the segment's end.
+    bytes[frame + 2] = 0x01;
+    std::fs::write(&seg, &bytes).unwrap();
+    let log = open(dir.path(), 1 << 30);
+    assert_eq!(take_all(&log), vec![0, 2, 3, 4, 5]);
+    log.close();
+}
+
+#[tokio::test]
+async fn the_batch_in_flight_is_rebuilt_with_its_id_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 1 << 30);
+    for i in 0..5 {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+    let mut batch = Vec::new();
+    log.take(&mut batch, 2, 1 << 20);
+    let (first, written) = log.seal();
+    written.unwrap();
+    log.ack(2);
+    let mut batch = Vec::new();
+    log.take(&mut batch, 2, 1 << 20);
+    assert_eq!(log.take(&mut batch, 3, 1 << 20), 1, "not sealed yet");
+    let (id, written) = log.seal();
+    written.unwrap();
+    assert_ne!(id, first);
+    assert_eq!(
+        log.take(&mut batch, 10, 1 << 20),
+        0,
+        "sealed: nothing joins"
+    );
+    let sent: Vec<i64> = batch.iter().map(|r| r.body.time).collect();
+    assert_eq!(sent, vec![2, 3, 4]);
+    log.close(); // then a crash: the batch was sent, never acknowledged
+    drop(log);
+
+    // Records arrive after the restart; the first batch is still exactly the one in flight.
+    let log = open(dir.path(), 1 << 30);
+    for i in 5..8 {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+    let mut again = Vec::new();
+    log.take(&mut again, 1, 1 << 20);
+    assert_eq!(log.take(&mut again, 1000, 1 << 20), 0);
+    assert_eq!(again.iter().map(|r| r.body.time).collect::<Vec<_>>(), sent);
+    assert_eq!(log.seal().0, id);
+    log.ack(3);
+    assert_eq!(take_all(&log), vec![5, 6, 7]);
+    let (next, _) = log.seal();
+    assert_ne!(next, id);
+    log.close();
+}
+
+#[tokio::test]
+async fn a_record_beyond_the_frame_limit_is_refused_before_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), 1 << 30);
+    let mut big = record(1);
+    big.body
+        .columns
+        .insert("blob".into(), "x".repeat(MAX_FRAME_PAYLOAD));
+    assert_eq!(log.push(vec![big]).await, Err(DeliveryError::TooLarge));
+    assert_eq!(log.spool_bytes(), 0);
+    log.push(vec![record(2)]).await.unwrap();
+    assert_eq!(take_all(&log), vec![2]);
+    log.close();
+}
