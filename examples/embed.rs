@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use pingora::prelude::*;
-use postback_proxy::{Batch, LogSink, Postbacks, PostbacksConfig, Rejection, SinkError};
+use postback_proxy::{Batch, Config, LogSink, Postbacks, Rejection, SinkError};
 
 /// Counts records per `database.table` and prints each new count.
 #[derive(Default)]
@@ -62,7 +62,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let listen = args.next().unwrap_or_else(|| "127.0.0.1:8080".into());
     let upstream = args.next().unwrap_or_else(|| "127.0.0.1:3000".into());
     let dir = args.next().unwrap_or_else(|| "data/embed-buffer".into());
-    let config = PostbacksConfig::from_yaml(&format!(
+    let config = Config::parse(&format!(
         "auth: {{ write_keys: [{{ key: demo-key, databases: ['*'] }}] }}\n\
          routes: [{{ path: '/postback/v3/event/{{database}}/{{table}}', sink: counter }}]\n\
          delivery: {{ dir: '{dir}', batch: {{ max_wait: 10ms }} }}"

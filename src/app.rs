@@ -13,7 +13,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 
 use crate::config::{AdminConfig, Config, ListenConfig, Problem, ServerSettings};
-use crate::http::builder::{PostbacksBuilder, PostbacksConfig};
+use crate::http::builder::PostbacksBuilder;
 use crate::http::postbacks::Postbacks;
 use crate::http::proxy::PostbackProxy;
 use crate::http::tls;
@@ -24,41 +24,21 @@ struct ServerParts {
     server: ServerSettings,
     listen: Vec<ListenConfig>,
     admin: Option<AdminConfig>,
-    upstream: UpstreamConfig,
+    recent_records: usize,
+    upstream: Option<UpstreamConfig>,
 }
 
-/// Splits the file into the server's sections and the postbacks'.
-fn split(config: Config) -> (ServerParts, PostbacksBuilder) {
-    let Config {
-        server,
-        listen,
-        admin,
-        upstream,
-        routes,
-        auth,
-        client_ip,
-        postback,
-        sinks,
-        delivery,
-    } = config;
-    let postbacks = PostbacksConfig {
-        routes,
-        auth,
-        client_ip,
-        postback,
-        sinks: Some(sinks),
-        delivery,
+/// Splits the file into the server's sections and the postbacks' builder.
+fn split(mut config: Config) -> (ServerParts, PostbacksBuilder) {
+    let parts = ServerParts {
+        server: std::mem::take(&mut config.server),
+        listen: std::mem::take(&mut config.listen),
+        recent_records: config.admin.as_ref().map_or(0, |a| a.recent_records),
+        admin: config.admin.take(),
+        upstream: config.upstream.take(),
     };
-    let recent_records = admin.as_ref().map_or(0, |a| a.recent_records);
-    (
-        ServerParts {
-            server,
-            listen,
-            admin,
-            upstream,
-        },
-        Postbacks::builder(postbacks).recent_records(recent_records),
-    )
+    let builder = Postbacks::builder(config).recent_records(parts.recent_records);
+    (parts, builder)
 }
 
 /// Checks the server's sections: listeners, the admin address, thread and keep-alive settings,
@@ -101,7 +81,14 @@ fn check_server(parts: &ServerParts) -> Result<Vec<SocketAddr>, Vec<Problem>> {
     if parts.server.threads == 0 {
         problems.push(Problem::new("server.threads", "must be at least 1"));
     }
-    let addrs = upstream::resolve(&parts.upstream).map_err(|p| problems.extend(p));
+    let Some(upstream) = &parts.upstream else {
+        problems.push(Problem::new(
+            "upstream.peers",
+            "is required: the origin every other request goes to",
+        ));
+        return Err(problems);
+    };
+    let addrs = upstream::resolve(upstream).map_err(|p| problems.extend(p));
     match addrs {
         Ok(addrs) if problems.is_empty() => Ok(addrs),
         _ => Err(problems),
@@ -136,7 +123,10 @@ impl App {
             _ => return Err(problems),
         };
         let postbacks = Arc::new(builder.build().map_err(|e| e.0)?);
-        let (upstream, health_check) = Upstream::new(&parts.upstream, &addrs)
+        let Some(upstream_cfg) = &parts.upstream else {
+            return Err(vec![Problem::new("upstream.peers", "is required")]);
+        };
+        let (upstream, health_check) = Upstream::new(upstream_cfg, &addrs)
             .map_err(|e| vec![Problem::new("upstream.peers", e.to_string())])?;
         let proxy = PostbackProxy::new(
             postbacks.clone(),

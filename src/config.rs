@@ -1,4 +1,8 @@
-//! The YAML configuration file, as written by the user.
+//! The YAML configuration file, as written by the user: one type for the whole file. [`Postbacks`]
+//! reads `routes`, `auth`, `client_ip`, `postback`, `sinks` and `delivery`; the standalone proxy
+//! reads `server`, `listen`, `admin` and `upstream` besides.
+//!
+//! [`Postbacks`]: crate::Postbacks
 //!
 //! These types mirror the file one to one; every key has a default except `upstream.peers`, and an
 //! unknown key is an error. Checks that need more than the shape of the file (does the sink exist,
@@ -83,23 +87,35 @@ impl Config {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `server:`: Pingora's own settings (the standalone proxy).
     #[serde(default)]
     pub server: ServerSettings,
+    /// `listen:`: the addresses served (the standalone proxy).
     #[serde(default = "default_listen")]
     pub listen: Vec<ListenConfig>,
+    /// `admin:`: the admin listener, if any (the standalone proxy).
     #[serde(default)]
     pub admin: Option<AdminConfig>,
-    pub upstream: UpstreamConfig,
+    /// `upstream:`: the origin (the standalone proxy requires it; an embedding proxy has its own).
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+    /// `routes:`, tried in order. Default: the Treasure Data route alone, to the sink `main`.
     #[serde(default = "default_routes")]
     pub routes: Vec<RouteConfig>,
+    /// `auth:`: the write keys.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `client_ip:`: whose `X-Forwarded-For` is believed.
     #[serde(default)]
     pub client_ip: ClientIpConfig,
+    /// `postback:`: limits and the special parameters.
     #[serde(default)]
     pub postback: PostbackConfig,
-    #[serde(default = "default_sinks")]
-    pub sinks: BTreeMap<String, SinkConfig>,
+    /// `sinks:`. Absent, and no sink registered in code: `main` is a file sink at
+    /// `data/events.jsonl`.
+    #[serde(default)]
+    pub sinks: Option<BTreeMap<String, SinkConfig>>,
+    /// `delivery:`: the buffer, batches and retries.
     #[serde(default)]
     pub delivery: crate::delivery::DeliveryConfig,
 }
@@ -362,7 +378,8 @@ mod tests {
         assert_eq!(c.routes[0].path, "/postback/v3/event/{database}/{table}");
         assert_eq!(c.routes[0].sink.names(), ["main"]);
         assert!(
-            matches!(c.sinks["main"], SinkConfig::File(ref f) if f.path == Path::new("data/events.jsonl"))
+            c.sinks.is_none()
+                && matches!(default_sinks()["main"], SinkConfig::File(ref f) if f.path == Path::new("data/events.jsonl"))
         );
         assert!(c.auth.write_keys.is_empty());
         assert_eq!(c.postback.max_url_bytes, ByteSize(16384));
@@ -385,8 +402,12 @@ mod tests {
 
     #[test]
     fn upstream_peers_are_required() {
-        let err = Config::parse("listen: [{address: '127.0.0.1:1'}]").unwrap_err();
-        assert!(err.contains("upstream"), "{err}");
+        let config = Config::parse("listen: [{address: '127.0.0.1:1'}]").unwrap();
+        let problems = crate::App::validate(config);
+        assert!(
+            problems.iter().any(|p| p.field == "upstream.peers"),
+            "{problems:?}"
+        );
     }
 
     #[test]

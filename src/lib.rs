@@ -13,7 +13,7 @@
 //!
 //! use async_trait::async_trait;
 //! use pingora::prelude::*;
-//! use postback_proxy::{Batch, LogSink, Postbacks, PostbacksConfig, Rejection, SinkError};
+//! use postback_proxy::{Batch, Config, LogSink, Postbacks, Rejection, SinkError};
 //!
 //! /// A sink of your own: here, it prints each record.
 //! struct Print;
@@ -48,7 +48,7 @@
 //! }
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let config = PostbacksConfig::from_yaml(
+//!     let config = Config::parse(
 //!         "auth: { write_keys: [{ key: 'KEY' }] }\nroutes: [{ path: '/postback/v3/event/{database}/{table}', sink: print }]",
 //!     )?;
 //!     let postbacks = Arc::new(Postbacks::builder(config).sink("print", Print).build()?);
@@ -111,7 +111,7 @@ pub mod units;
 pub use app::App;
 pub use config::{Config, ConfigError, Problem};
 pub use http::admin::AdminApp;
-pub use http::builder::{BuildError, PostbacksBuilder, PostbacksConfig};
+pub use http::builder::{BuildError, PostbacksBuilder};
 pub use http::postbacks::{DeliveryService, Postbacks};
 pub use record::{Record, RecordBody};
 pub use sink::{Batch, LogSink, Rejection, SinkError};

@@ -227,7 +227,7 @@ async fn a_full_disk_answers_only_503s_loses_no_200_and_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs route fan-out from main"]
+
 async fn a_hung_sink_beside_the_file_sink_does_not_delay_it() {
     // A collector that accepts connections and never answers.
     let hung = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,60 +1,22 @@
-//! Building [`Postbacks`]: from the YAML sections of our configuration file, or in code, with sinks
-//! of your own registered by name beside the built-in ones.
+//! Building [`Postbacks`]: from the sections of the configuration file it reads (`routes`, `auth`,
+//! `client_ip`, `postback`, `sinks`, `delivery`), with sinks of your own registered in code by name
+//! beside the built-in ones.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use log::warn;
-use serde::Deserialize;
 
-use super::client_ip::{ClientIpConfig, ClientIpPolicy};
+use super::client_ip::ClientIpPolicy;
 use super::live::LiveView;
 use super::postbacks::Postbacks;
-use crate::config::{Problem, SinkConfig};
-use crate::delivery::DeliveryConfig;
+use crate::config::{Config, Problem, SinkConfig};
 use crate::delivery::{Delivery, MAX_BODY_BYTES};
-use crate::postback::auth::{AuthConfig, KeyStore};
-use crate::postback::config::PostbackConfig;
-use crate::postback::route::{default_routes, Route, RouteConfig, Router};
+use crate::postback::auth::KeyStore;
+use crate::postback::route::{Route, RouteConfig, Router};
 use crate::postback::Postback;
 use crate::sink::{self, LogSink};
-
-/// The sections of the configuration file that [`Postbacks`] reads: `routes`, `auth`,
-/// `client_ip`, `postback`, `sinks` and `delivery`, with the same keys, defaults and checks as in
-/// the standalone proxy's file (see the README's configuration reference). Unknown keys are
-/// errors.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostbacksConfig {
-    /// `routes:`, tried in order. Default: the Treasure Data route alone, to the sink `main`.
-    #[serde(default = "default_routes")]
-    pub routes: Vec<RouteConfig>,
-    /// `auth:`: the write keys.
-    #[serde(default)]
-    pub auth: AuthConfig,
-    /// `client_ip:`: whose `X-Forwarded-For` is believed.
-    #[serde(default)]
-    pub client_ip: ClientIpConfig,
-    /// `postback:`: limits and the special parameters.
-    #[serde(default)]
-    pub postback: PostbackConfig,
-    /// `sinks:`. Absent, and no sink registered in code: `main` is a file sink at
-    /// `data/events.jsonl`.
-    #[serde(default)]
-    pub sinks: Option<BTreeMap<String, SinkConfig>>,
-    /// `delivery:`: the buffer, batches and retries.
-    #[serde(default)]
-    pub delivery: DeliveryConfig,
-}
-
-impl PostbacksConfig {
-    /// Parses these sections from YAML text; the error names the line and the field.
-    pub fn from_yaml(text: &str) -> Result<PostbacksConfig, BuildError> {
-        serde_saphyr::from_str(text)
-            .map_err(|e| BuildError(vec![Problem::new("yaml", e.to_string())]))
-    }
-}
 
 /// Why [`Postbacks`] could not be built: every problem found, each naming its field.
 #[derive(Debug)]
@@ -76,7 +38,7 @@ impl std::error::Error for BuildError {}
 
 /// Builds [`Postbacks`]; made by [`Postbacks::builder`].
 pub struct PostbacksBuilder {
-    config: PostbacksConfig,
+    config: Config,
     custom: Vec<(String, Box<dyn LogSink>)>,
     recent_records: usize,
 }
@@ -96,7 +58,7 @@ struct Checked {
 static NO_SINKS: BTreeMap<String, SinkConfig> = BTreeMap::new();
 
 impl PostbacksBuilder {
-    pub(crate) fn new(config: PostbacksConfig) -> Self {
+    pub(crate) fn new(config: Config) -> Self {
         PostbacksBuilder {
             config,
             custom: Vec::new(),

@@ -12,16 +12,17 @@ use pingora::services::background::{background_service, BackgroundService, GenBa
 use pingora::services::listening::Service;
 
 use http::{header, Method};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::Result;
 
 use super::admin::AdminApp;
 use super::body::{read_body, settle_body};
-use super::builder::{PostbacksBuilder, PostbacksConfig};
+use super::builder::PostbacksBuilder;
 use super::client_ip::ClientIpPolicy;
 use super::forwarded::{is_tls, peer_ip};
 use super::live::LiveView;
+use crate::config::Config;
 use crate::delivery::{Delivery, DeliveryError};
 use crate::metrics;
 use crate::postback::reply::{ErrorKind, Refusal, Reply};
@@ -42,19 +43,20 @@ pub struct Postbacks {
 }
 
 impl Postbacks {
-    /// A builder from the configuration's sections; add sinks of your own with
-    /// [`PostbacksBuilder::sink`], then [`PostbacksBuilder::build`].
+    /// A builder from the configuration (it reads `routes`, `auth`, `client_ip`, `postback`,
+    /// `sinks` and `delivery`; the standalone proxy's `server`, `listen`, `admin` and `upstream`
+    /// are not its business). Add sinks of your own with [`PostbacksBuilder::sink`], then
+    /// [`PostbacksBuilder::build`].
     ///
     /// ```
-    /// use postback_proxy::{Postbacks, PostbacksConfig};
+    /// use postback_proxy::{Config, Postbacks};
     ///
-    /// let config = PostbacksConfig::from_yaml(
-    ///     "auth: { write_keys: [{ key: 'KEY' }] }\nsinks: { main: { type: stdout } }",
-    /// )
-    /// .unwrap();
+    /// let config =
+    ///     Config::parse("auth: { write_keys: [{ key: 'KEY' }] }\nsinks: { main: { type: stdout } }")
+    ///         .unwrap();
     /// assert!(Postbacks::builder(config).check().is_empty());
     /// ```
-    pub fn builder(config: PostbacksConfig) -> PostbacksBuilder {
+    pub fn builder(config: Config) -> PostbacksBuilder {
         PostbacksBuilder::new(config)
     }
 
@@ -169,36 +171,21 @@ impl Postbacks {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let (peer, tls) = (peer_ip(session), is_tls(session));
-        let req = session.req_header();
-        let head = PostbackRequest {
-            method: &req.method,
-            query: req.uri.query(),
-            url_len: head_len(req),
-            headers: &req.headers,
-            body: &[],
+        if let Some(preflight) = self.postback.check_head(&postback_request(
+            session.req_header(),
+            &[],
             peer,
             tls,
             now,
-        };
-        if let Some(preflight) = self.postback.check_head(&head)? {
+        ))? {
             return Ok(preflight);
         }
-        let body = if req.method == Method::POST {
+        let body = if session.req_header().method == Method::POST {
             read_body(session, self.postback.limits()).await?
         } else {
             Vec::new()
         };
-        let req = session.req_header();
-        let request = PostbackRequest {
-            method: &req.method,
-            query: req.uri.query(),
-            url_len: head_len(req),
-            headers: &req.headers,
-            body: &body,
-            peer,
-            tls,
-            now,
-        };
+        let request = postback_request(session.req_header(), &body, peer, tls, now);
         let target = Target {
             database,
             table,
@@ -244,10 +231,6 @@ impl Postbacks {
     }
 }
 
-fn head_len(req: &pingora::http::RequestHeader) -> usize {
-    req.uri.path_and_query().map_or(0, |pq| pq.as_str().len())
-}
-
 fn count(route: &Route, outcome: &str, started: Instant) {
     metrics::POSTBACK_REQUESTS
         .with_label_values(&[&route.template, outcome])
@@ -281,5 +264,25 @@ impl BackgroundService for DeliveryService {
         tokio::time::sleep(self.grace).await;
         let delivery = self.delivery.clone();
         let _ = tokio::task::spawn_blocking(move || delivery.finish(drain)).await;
+    }
+}
+
+/// The parts of `req` (and its `body`) the postback rules look at.
+fn postback_request<'a>(
+    req: &'a RequestHeader,
+    body: &'a [u8],
+    peer: Option<std::net::IpAddr>,
+    tls: bool,
+    now: i64,
+) -> PostbackRequest<'a> {
+    PostbackRequest {
+        method: &req.method,
+        query: req.uri.query(),
+        url_len: req.uri.path_and_query().map_or(0, |pq| pq.as_str().len()),
+        headers: &req.headers,
+        body,
+        peer,
+        tls,
+        now,
     }
 }

@@ -16,7 +16,9 @@ if (!screenshot) {
   console.error('usage: node live.mjs <admin url> <postback url prefix> <write key> <screenshot path>');
   process.exit(2);
 }
-setTimeout(() => { console.error('live.mjs: gave up after 90 s'); process.exit(1); }, 90_000);
+const started = Date.now();
+const note = (what) => console.error(`live.mjs: ${what} after ${Date.now() - started} ms`);
+setTimeout(() => { note('gave up'); process.exit(1); }, 150_000);
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 async function waitUntil(what, check) {
@@ -42,15 +44,18 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  note('browser started');
   await page.goto(adminUrl);
   await waitUntil('the event stream', async () => (await page.textContent('#conn')) === 'live');
 
   const fired = Date.now();
   for (const n of [1, 2, 3]) {
     const r = await fetch(`${postbackUrl}?td_format=pixel&td_write_key=${encodeURIComponent(key)}&page=/live-${n}&td_ip=td_ip`);
+    await r.arrayBuffer(); // an unread body holds its connection
     if (r.status !== 200) throw new Error(`pixel ${n}: ${r.status}`);
   }
   const bad = await fetch(`${postbackUrl}?td_write_key=not-the-key&page=/refused`);
+  await bad.arrayBuffer();
   const rows = await waitUntil('three records on the page', async () => {
     const rows = await page.$$eval('#records tbody tr', (trs) => trs.map((tr) =>
       Array.from(tr.cells).map((td) => td.textContent)));
@@ -71,10 +76,13 @@ try {
   const filtered = await page.$$eval('#records tbody tr', (trs) => trs.length);
   await page.fill('#f-text', '');
 
+  note('records, refusal and sinks shown');
   console.log('stop the sink');
   await nextLine();
+  note('sink stopped');
   // A record that the stopped sink cannot take, so it fails and says so.
-  await fetch(`${postbackUrl}?td_format=pixel&td_write_key=${encodeURIComponent(key)}&page=/live-4`);
+  await (await fetch(`${postbackUrl}?td_format=pixel&td_write_key=${encodeURIComponent(key)}&page=/live-4`)).arrayBuffer();
+  note('a record for the stopped sink sent');
   const sinksAfter = await waitUntil('the sink to be down', async () => {
     const rows = await page.$$eval('#sinks tbody tr', (trs) => trs.map((tr) =>
       Array.from(tr.cells).map((td) => td.textContent)));
