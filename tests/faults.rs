@@ -273,3 +273,81 @@ async fn a_hung_sink_beside_the_file_sink_does_not_delay_it() {
         "a hung sink does not make it unready"
     );
 }
+
+/// `GET /sinks`, as JSON.
+async fn sinks(proxy: &Proxy) -> Value {
+    get(&proxy.admin_url("/sinks"), &[]).await.json()
+}
+
+/// The entry of sink `name` in `/sinks`.
+async fn sink_status(proxy: &Proxy, name: &str) -> Value {
+    let all = sinks(proxy).await;
+    all.as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no sink {name} in /sinks: {all}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs /sinks wired in the admin listener (Delivery::sinks_status)"]
+async fn a_sink_outage_shows_in_sinks_and_leaves_the_instance_ready() {
+    let origin = Origin::start();
+    let port = free_port();
+    let proxy = Proxy::start_with(to_collector(&origin, port));
+    for i in 0..20 {
+        assert_eq!(get(&proxy.url(&pixel(i)), &[]).await.status, 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let down = loop {
+        let s = sink_status(&proxy, "main").await;
+        if s["state"] == "down" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "not down within 5 s: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(down["last_error"].is_string(), "{down}");
+    assert!(down["since"].is_string(), "{down}");
+    assert_eq!(down["records_waiting"], 20, "{down}");
+    assert!(down["bytes_waiting"].as_u64().unwrap() > 0, "{down}");
+    assert!(down["failed"].as_u64().unwrap() >= 1, "{down}");
+    assert_eq!(
+        readyz(&proxy).await,
+        200,
+        "a sink outage alone leaves it ready"
+    );
+    assert_eq!(metric(&proxy, "sink_up{sink=\"main\"}").await, 0.0);
+
+    let received = Received::new();
+    let _collector = Collector::start(port, received.clone(), None);
+    received.wait_until(WAIT, "every record", |r| numbers(r).len() == 20);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = sink_status(&proxy, "main").await;
+        if s["state"] == "up" && s["delivered"] == 20 && s["records_waiting"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never up again: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&proxy, "sink_up{sink=\"main\"}").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Delivery::shutting_down called when the shutdown starts"]
+async fn after_sigterm_readyz_never_answers_200() {
+    let origin = Origin::start();
+    let proxy = Proxy::start(origin.peer());
+    assert_eq!(readyz(&proxy).await, 200);
+    proxy.sigterm();
+    // The signal needs a moment to arrive; from then on, no 200.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let client = client();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        // Refused connections are fine too: the admin listener may already be gone.
+        if let Ok(resp) = client.get(proxy.admin_url("/readyz")).send().await {
+            assert_ne!(resp.status(), 200, "/readyz answered 200 after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -6,7 +6,7 @@
 //! [`disk::DiskLog`] (the default, which survives a crash) or [`memory::MemoryQueue`]; requests
 //! reach it through its [`Sender`], the lane through its [`Receiver`].
 //!
-//! Each lane ([`lane`]) runs on a thread and runtime of its own: it forms batches
+//! Each lane (`lane.rs`) runs on a thread and runtime of its own: it forms batches
 //! (`max_records`, `max_bytes`, `max_wait`), hands them to the sink with a stable id, retries a
 //! failing sink with exponential backoff and jitter for as long as it takes, and only then
 //! releases the batch from the buffer. Records the sink refuses for good go to

@@ -233,8 +233,8 @@ impl DiskLog {
         self.spool_bytes.load(Ordering::Relaxed)
     }
 
-    /// Records waiting in the buffer (see [`DiskLog::records`]'s field doc: an estimate just
-    /// after a restart).
+    /// Records waiting in the buffer. Those left by a previous run are counted by a background
+    /// thread just after the start, so for a moment (and after damage) this is an estimate.
     pub fn records_waiting(&self) -> u64 {
         self.records.load(Ordering::Relaxed)
     }
