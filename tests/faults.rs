@@ -288,7 +288,6 @@ async fn sink_status(proxy: &Proxy, name: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs /sinks wired in the admin listener (Delivery::sinks_status)"]
 async fn a_sink_outage_shows_in_sinks_and_leaves_the_instance_ready() {
     let origin = Origin::start();
     let port = free_port();
@@ -333,7 +332,6 @@ async fn a_sink_outage_shows_in_sinks_and_leaves_the_instance_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs Delivery::shutting_down called when the shutdown starts"]
 async fn after_sigterm_readyz_never_answers_200() {
     let origin = Origin::start();
     let proxy = Proxy::start(origin.peer());
