@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -28,6 +28,9 @@ fn the_live_view_shows_records_refusals_and_sink_state() {
     ));
     let proxy = Proxy::start_with(settings);
     let screenshot = std::env::temp_dir().join(format!("live-view-{}.png", std::process::id()));
+    let signal = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    let signal_path = signal.to_path_buf();
+    drop(signal);
 
     let mut child = spawn_node(
         &chromium,
@@ -37,10 +40,10 @@ fn the_live_view_shows_records_refusals_and_sink_state() {
             &proxy.url("/postback/v3/event/web/pageviews"),
             KEY,
             screenshot.to_str().unwrap(),
+            signal_path.to_str().unwrap(),
         ],
-        Stdio::piped(),
+        Stdio::null(),
     );
-    let mut stdin = child.stdin.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let stderr = std::thread::spawn(move || {
         let mut text = String::new();
@@ -53,7 +56,7 @@ fn the_live_view_shows_records_refusals_and_sink_state() {
         let line = line.expect("read the driver's output");
         if line == "stop the sink" {
             drop(collector.take());
-            writeln!(stdin, "stopped").unwrap();
+            std::fs::write(&signal_path, b"stopped").unwrap();
         } else if line.starts_with('{') {
             result = Some(line);
         }
@@ -89,6 +92,16 @@ fn the_live_view_shows_records_refusals_and_sink_state() {
     assert_eq!(seen["sinksBefore"][0][0], "main");
     assert_eq!(seen["sinksBefore"][0][1], "up");
     assert_eq!(seen["sinksAfter"][0][1], "down");
+    // Requests by outcome, from /metrics: four accepted, one forbidden.
+    let rates = seen["rates"].as_array().unwrap();
+    let total = |outcome: &str| {
+        rates
+            .iter()
+            .find(|r| r[0] == outcome)
+            .map(|r| r[2].as_str().unwrap().to_owned())
+    };
+    assert_eq!(total("accepted").as_deref(), Some("4"), "{rates:?}");
+    assert_eq!(total("forbidden").as_deref(), Some("1"), "{rates:?}");
     eprintln!(
         "records shown {} ms after the pixels were fired; screenshot at {}",
         seen["shownAfterMs"],

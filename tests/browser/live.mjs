@@ -1,19 +1,20 @@
 // Drives headless Chromium for tests/live_view.rs:
-//   node live.mjs <admin url> <postback url prefix> <write key> <screenshot path>
+//   node live.mjs <admin url> <postback url prefix> <write key> <screenshot path> <signal file>
 //
 // Opens the admin listener's live view, fires three pixels and one postback with a wrong key
 // through the proxy, waits until the page shows them, then prints `stop the sink` and waits for
-// a line on stdin (the test stops the sink's peer), waits until the sink table says `down`,
+// the signal file to appear (the test stops the sink's peer, then creates it; stdin is left alone:
+// the browser shares it), waits until the sink table says `down`,
 // takes a screenshot and prints one JSON object: what the page showed. The Rust test makes the
 // assertions. Every wait is bounded; on a timeout it says what it was waiting for on stderr.
 
 import { chromium } from 'playwright-core';
-import { createInterface } from 'node:readline';
+import { existsSync } from 'node:fs';
 
 const STEP_MS = 20_000;
-const [adminUrl, postbackUrl, key, screenshot] = process.argv.slice(2);
-if (!screenshot) {
-  console.error('usage: node live.mjs <admin url> <postback url prefix> <write key> <screenshot path>');
+const [adminUrl, postbackUrl, key, screenshot, signal] = process.argv.slice(2);
+if (!signal) {
+  console.error('usage: node live.mjs <admin url> <postback url prefix> <write key> <screenshot path> <signal file>');
   process.exit(2);
 }
 const started = Date.now();
@@ -30,8 +31,6 @@ async function waitUntil(what, check) {
     await sleep(25);
   }
 }
-const lines = createInterface({ input: process.stdin });
-const nextLine = () => new Promise((resolve) => lines.once('line', resolve));
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -78,7 +77,7 @@ try {
 
   note('records, refusal and sinks shown');
   console.log('stop the sink');
-  await nextLine();
+  await waitUntil('the test to stop the sink', async () => existsSync(signal));
   note('sink stopped');
   // A record that the stopped sink cannot take, so it fails and says so.
   await (await fetch(`${postbackUrl}?td_format=pixel&td_write_key=${encodeURIComponent(key)}&page=/live-4`)).arrayBuffer();
@@ -88,13 +87,22 @@ try {
       Array.from(tr.cells).map((td) => td.textContent)));
     return rows.some((r) => r[1] === 'down') ? rows : null;
   });
+  const rates = await waitUntil('request rates with every outcome', async () => {
+    const rows = await page.$$eval('#rates tbody tr', (trs) => trs.map((tr) =>
+      Array.from(tr.cells).map((td) => td.textContent)));
+    const total = (o) => rows.find((r) => r[0] === o)?.[2];
+    return total('accepted') === '4' && total('forbidden') === '1' ? rows : null;
+  });
   await page.screenshot({ path: screenshot, fullPage: true });
   const text = await page.textContent('body');
   console.log(JSON.stringify({
-    rows, refused, sinksBefore, sinksAfter, filtered, badStatus: bad.status, shownAfterMs,
+    rows, refused, sinksBefore, sinksAfter, rates, filtered, badStatus: bad.status, shownAfterMs,
     keyOnPage: text.includes(key),
   }));
+} catch (err) {
+  console.error(`live.mjs: ${err.stack || err}`);
+  process.exitCode = 1;
 } finally {
   await browser.close();
-  lines.close();
+  process.exit();
 }
