@@ -20,8 +20,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use postback_proxy::config::SinkConfig;
 use postback_proxy::record::{Record, RecordBody};
+use postback_proxy::sink::SinkConfig;
 use postback_proxy::sink::{self, LogSink};
 
 const BATCH_SIZES: [usize; 3] = [1, 100, 1000];
@@ -250,7 +250,10 @@ fn main() {
             runtime.block_on(async {
                 for chunk in batch[..n].chunks(size) {
                     let mut tries = 0;
-                    while let Err(e) = sink.write_batch(&sink::Batch::new(chunk, String::new())).await {
+                    while let Err(e) = sink
+                        .write_batch(&sink::Batch::new(chunk, String::new()))
+                        .await
+                    {
                         tries += 1;
                         assert!(tries < 50, "{name}: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -13,6 +13,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::privacy::PrivacyConfig;
+use crate::sink::SinkConfig;
 use crate::units::{ByteSize, HumanDuration};
 
 /// One problem found in the configuration: the dotted path of the field and what is wrong with it.
@@ -93,7 +94,7 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub postback: PostbackConfig,
-    #[serde(default = "default_sinks")]
+    #[serde(default = "crate::sink::default_sinks")]
     pub sinks: BTreeMap<String, SinkConfig>,
     #[serde(default)]
     pub delivery: DeliveryConfig,
@@ -457,159 +458,8 @@ pub struct CorsConfig {
     pub allowed_origins: Vec<String>,
 }
 
-/// One entry of `sinks:`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// JSON lines appended to a file, rotated by size and age.
-    File(FileSinkConfig),
-    /// JSON lines on standard output.
-    Stdout,
-    /// NDJSON batches POSTed to a collector.
-    Http(HttpSinkConfig),
-    /// Messages produced to Kafka topics.
-    Kafka(KafkaSinkConfig),
-    /// The Fluentd forward protocol (td-agent, Fluentd, Fluent Bit).
-    Fluent(FluentSinkConfig),
-}
-
-/// `type: kafka`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSinkConfig {
-    /// Bootstrap brokers, `host:port`.
-    pub brokers: Vec<String>,
-    /// Topic template: `{database}` and `{table}` are replaced; a fixed name is fine.
-    #[serde(default = "default_kafka_topic")]
-    pub topic: String,
-    /// `all` (default), `1` or `0`.
-    #[serde(default = "default_kafka_acks")]
-    pub acks: String,
-    /// `lz4` (default), `none`, `gzip`, `snappy`, `zstd`.
-    #[serde(default = "default_kafka_compression")]
-    pub compression: String,
-    /// How long the producer waits to fill a batch.
-    #[serde(default = "default_kafka_linger")]
-    pub linger: HumanDuration,
-    #[serde(default = "default_kafka_client_id")]
-    pub client_id: String,
-    /// How long a batch may wait for its acknowledgements before it is retried.
-    #[serde(default = "default_kafka_timeout")]
-    pub timeout: HumanDuration,
-    /// Further librdkafka properties, passed through (`security.protocol`, `sasl.*`, `ssl.*`, ...).
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-fn default_kafka_topic() -> String {
-    "{database}.{table}".into()
-}
-fn default_kafka_acks() -> String {
-    "all".into()
-}
-fn default_kafka_compression() -> String {
-    "lz4".into()
-}
-fn default_kafka_linger() -> HumanDuration {
-    HumanDuration::millis(5)
-}
-fn default_kafka_client_id() -> String {
-    "postback-proxy".into()
-}
-fn default_kafka_timeout() -> HumanDuration {
-    HumanDuration::secs(30)
-}
-
-/// `type: fluent`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FluentSinkConfig {
-    /// `host:port` of the forward input.
-    pub address: String,
-    /// Tag template: `{database}` and `{table}` are replaced.
-    #[serde(default = "default_fluent_tag")]
-    pub tag: String,
-    /// Send the `chunk` option and wait for the matching `ack`.
-    #[serde(default = "default_true")]
-    pub require_ack: bool,
-    /// How long a connect, a write or waiting for an ack may take.
-    #[serde(default = "default_fluent_timeout")]
-    pub timeout: HumanDuration,
-}
-
-fn default_fluent_tag() -> String {
-    "td.{database}.{table}".into()
-}
 fn default_true() -> bool {
     true
-}
-fn default_fluent_timeout() -> HumanDuration {
-    HumanDuration::secs(10)
-}
-
-/// `type: http`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSinkConfig {
-    /// Where batches are POSTed.
-    pub url: String,
-    /// Extra request headers (an `Authorization`, say).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Compress each batch with gzip (`Content-Encoding: gzip`).
-    #[serde(default)]
-    pub gzip: bool,
-    /// How long one POST may take.
-    #[serde(default = "default_http_timeout")]
-    pub timeout: HumanDuration,
-}
-
-fn default_http_timeout() -> HumanDuration {
-    HumanDuration::secs(10)
-}
-
-/// `type: file`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSinkConfig {
-    #[serde(default = "default_file_path")]
-    pub path: PathBuf,
-    #[serde(default)]
-    pub rotate: RotateConfig,
-}
-
-fn default_file_path() -> PathBuf {
-    "data/events.jsonl".into()
-}
-
-/// When the file sink starts a new file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RotateConfig {
-    pub max_bytes: ByteSize,
-    /// Rotate files older than this; none: by size only.
-    pub interval: Option<HumanDuration>,
-}
-
-impl Default for RotateConfig {
-    fn default() -> Self {
-        RotateConfig {
-            max_bytes: ByteSize::mib(256),
-            interval: Some(HumanDuration::secs(3600)),
-        }
-    }
-}
-
-fn default_sinks() -> BTreeMap<String, SinkConfig> {
-    let mut sinks = BTreeMap::new();
-    sinks.insert(
-        "main".to_string(),
-        SinkConfig::File(FileSinkConfig {
-            path: default_file_path(),
-            rotate: RotateConfig::default(),
-        }),
-    );
-    sinks
 }
 
 /// Where accepted records wait for their sink.

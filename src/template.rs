@@ -130,7 +130,9 @@ mod tests {
         assert_eq!(fixed.render("a", "b"), "events");
         // A name that looks like a placeholder is not expanded again.
         assert_eq!(
-            Template::parse("{database}").unwrap().render("{table}", "x"),
+            Template::parse("{database}")
+                .unwrap()
+                .render("{table}", "x"),
             "{table}"
         );
     }
@@ -139,7 +141,10 @@ mod tests {
     fn refuses_bad_placeholders() {
         assert_eq!(Template::parse("a{database"), Err(TemplateError::Unclosed));
         assert_eq!(Template::parse("a}b"), Err(TemplateError::Unopened));
-        assert_eq!(Template::parse("{{database}}"), Err(TemplateError::Unclosed));
+        assert_eq!(
+            Template::parse("{{database}}"),
+            Err(TemplateError::Unclosed)
+        );
         assert_eq!(
             Template::parse("{db}"),
             Err(TemplateError::Unknown("db".into()))

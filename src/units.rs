@@ -121,7 +121,8 @@ pub fn check_host_port(address: &str) -> Result<(), &'static str> {
             .strip_suffix(']')
             .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
     } else {
-        !host.is_empty() && !host.contains([':', '/', ' ', '[', ']', ','])
+        !host.is_empty()
+            && !host.contains([':', '/', ' ', '[', ']', ','])
             && !host.contains(char::is_whitespace)
     };
     if !host_ok {

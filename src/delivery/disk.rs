@@ -180,7 +180,6 @@ pub struct DiskLog {
     sync_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-
 impl DiskLog {
     /// Opens (or creates) the log of sink `sink` under `dir`, recovers the checkpoint, and starts
     /// a new segment for appends. Runs once at start-up. The writer thread starts here too: it

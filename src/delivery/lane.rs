@@ -113,7 +113,11 @@ impl Writer {
             .with_label_values(&[&self.lane.name])
             .observe(batch.len() as f64);
         loop {
-            match self.sink.write_batch(&Batch::new(batch, String::new())).await {
+            match self
+                .sink
+                .write_batch(&Batch::new(batch, String::new()))
+                .await
+            {
                 Ok(rejections) => {
                     self.lane.healthy.store(true, Ordering::Relaxed);
                     let delivered = batch.len() - rejections.len();
