@@ -296,6 +296,11 @@ impl PeerDown {
     }
 }
 
+/// "`{field}.{sub}`: must be more than 0" when `zero`.
+pub(crate) fn more_than_zero(field: &str, sub: &str, zero: bool) -> Option<Problem> {
+    zero.then(|| Problem::new(format!("{field}.{sub}"), "must be more than 0"))
+}
+
 /// Each record of `batch` as a JSON line, one after the other (the stdout, file and http sinks).
 pub(crate) fn json_lines(batch: &[Record]) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.len() * 256);

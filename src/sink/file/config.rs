@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::FileSink;
 use crate::config::Problem;
+use crate::sink::{more_than_zero, LogSink, SinkKind};
 use crate::units::{ByteSize, HumanDuration};
 
 /// `type: file`.
@@ -48,26 +50,29 @@ impl Default for FileSinkConfig {
     }
 }
 
-impl FileSinkConfig {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn problems(&self, field: &str) -> Vec<Problem> {
+impl SinkKind for FileSinkConfig {
+    fn validate(&self, field: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         if self.path.file_name().is_none() {
             problems.push(Problem::new(format!("{field}.path"), "must name a file"));
         }
-        let mut more_than_zero = |sub: &str, zero: bool| {
-            if zero {
-                problems.push(Problem::new(
-                    format!("{field}.{sub}"),
-                    "must be more than 0",
-                ));
-            }
-        };
-        more_than_zero("rotate.max_bytes", self.rotate.max_bytes.0 == 0);
-        more_than_zero(
+        problems.extend(more_than_zero(
+            field,
+            "rotate.max_bytes",
+            self.rotate.max_bytes.0 == 0,
+        ));
+        let interval = self.rotate.interval;
+        problems.extend(more_than_zero(
+            field,
             "rotate.interval",
-            self.rotate.interval.is_some_and(|i| i.0.is_zero()),
-        );
+            interval.is_some_and(|i| i.0.is_zero()),
+        ));
         problems
+    }
+
+    fn open(&self, _name: &str, field: &str) -> Result<Box<dyn LogSink>, Problem> {
+        let sink = FileSink::open(self)
+            .map_err(|e| Problem::new(format!("{field}.path"), e.to_string()))?;
+        Ok(Box::new(sink))
     }
 }

@@ -17,8 +17,7 @@ mod config;
 
 pub use config::{FileSinkConfig, RotateConfig};
 
-use super::{Batch, LogSink, Rejection, SinkError, SinkKind};
-use crate::config::Problem;
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::record::Record;
 use crate::sync::lock;
 
@@ -37,11 +36,6 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &FileSinkConfig, field: &str) -> Vec<Problem> {
-        cfg.problems(field)
-    }
-
     /// Opens (creating the directory and file if needed) the file for appending.
     pub fn open(cfg: &FileSinkConfig) -> std::io::Result<FileSink> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -156,18 +150,6 @@ impl LogSink for FileSink {
             .file
             .sync_all()
             .map_err(|e| SinkError::io(format!("cannot sync {}", self.path.display()), e))
-    }
-}
-
-impl SinkKind for FileSinkConfig {
-    fn validate(&self, field: &str) -> Vec<Problem> {
-        self.problems(field)
-    }
-
-    fn open(&self, _name: &str, field: &str) -> Result<Box<dyn LogSink>, Problem> {
-        FileSink::open(self)
-            .map(|s| Box::new(s) as Box<dyn LogSink>)
-            .map_err(|e| Problem::new(format!("{field}.path"), e.to_string()))
     }
 }
 

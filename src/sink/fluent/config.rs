@@ -2,7 +2,9 @@
 
 use serde::Deserialize;
 
+use super::FluentSink;
 use crate::config::Problem;
+use crate::sink::{more_than_zero, LogSink, SinkKind};
 use crate::template::Template;
 use crate::units::{check_host_port, HumanDuration};
 
@@ -45,9 +47,8 @@ pub(super) fn parse_tag(tag: &str) -> Result<Template, String> {
     Template::parse(tag).map_err(|e| e.to_string())
 }
 
-impl FluentSinkConfig {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn problems(&self, field: &str) -> Vec<Problem> {
+impl SinkKind for FluentSinkConfig {
+    fn validate(&self, field: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         if let Err(e) = check_host_port(&self.address) {
             problems.push(Problem::new(format!("{field}.address"), e));
@@ -55,12 +56,11 @@ impl FluentSinkConfig {
         if let Err(e) = parse_tag(&self.tag) {
             problems.push(Problem::new(format!("{field}.tag"), e));
         }
-        if self.timeout.0.is_zero() {
-            problems.push(Problem::new(
-                format!("{field}.timeout"),
-                "must be more than 0",
-            ));
-        }
+        problems.extend(more_than_zero(field, "timeout", self.timeout.0.is_zero()));
         problems
+    }
+
+    fn open(&self, name: &str, _field: &str) -> Result<Box<dyn LogSink>, Problem> {
+        Ok(Box::new(FluentSink::open(name, self)?))
     }
 }

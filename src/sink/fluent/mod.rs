@@ -35,7 +35,7 @@ mod config;
 
 pub use config::FluentSinkConfig;
 
-use super::{Batch, LogSink, PeerDown, Rejection, SinkError, SinkKind};
+use super::{Batch, LogSink, PeerDown, Rejection, SinkError};
 use crate::config::Problem;
 use crate::record::Record;
 use crate::template::Template;
@@ -138,11 +138,6 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 impl FluentSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &FluentSinkConfig, field: &str) -> Vec<Problem> {
-        cfg.problems(field)
-    }
-
     /// Opens the sink `name` (a validated configuration). Does not connect: the first batch does.
     pub fn open(name: &str, cfg: &FluentSinkConfig) -> Result<FluentSink, Problem> {
         check_host_port(&cfg.address).map_err(|e| {
@@ -280,20 +275,11 @@ impl LogSink for FluentSink {
     }
 }
 
-impl SinkKind for FluentSinkConfig {
-    fn validate(&self, field: &str) -> Vec<Problem> {
-        self.problems(field)
-    }
-
-    fn open(&self, name: &str, _field: &str) -> Result<Box<dyn LogSink>, Problem> {
-        FluentSink::open(name, self).map(|s| Box::new(s) as Box<dyn LogSink>)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sink::test_support::test_record as record;
+    use crate::sink::SinkKind;
     use crate::units::HumanDuration;
     use tokio::net::TcpListener;
 
@@ -364,7 +350,7 @@ mod tests {
     #[test]
     fn config_checks_name_the_field() {
         let ok = config("127.0.0.1:24224");
-        assert!(FluentSink::validate(&ok, "sinks.f").is_empty());
+        assert!(ok.validate("sinks.f").is_empty());
         for good in ["fluentd:24224", "[::1]:24224", "localhost:1"] {
             assert!(check_host_port(good).is_ok(), "{good}");
         }
@@ -380,7 +366,7 @@ mod tests {
             "[nothost]:1",
             "tcp://h:1",
         ] {
-            let p = FluentSink::validate(&config(bad), "sinks.f");
+            let p = config(bad).validate("sinks.f");
             assert_eq!(p.len(), 1, "{bad}: {p:?}");
             assert_eq!(p[0].field, "sinks.f.address");
             assert!(FluentSink::open("f", &config(bad)).is_err(), "{bad}");
@@ -388,13 +374,13 @@ mod tests {
         let mut c = config("127.0.0.1:24224");
         for bad in ["", "td {table}", "td.{db}", "td.{table", "td.}x"] {
             c.tag = bad.into();
-            let p = FluentSink::validate(&c, "sinks.f");
+            let p = c.validate("sinks.f");
             assert_eq!(p.len(), 1, "{bad}: {p:?}");
             assert_eq!(p[0].field, "sinks.f.tag");
         }
         c.tag = "app.{table}".into();
         c.timeout = HumanDuration::secs(0);
-        let p = FluentSink::validate(&c, "sinks.f");
+        let p = c.validate("sinks.f");
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].field, "sinks.f.timeout");
     }

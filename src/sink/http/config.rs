@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use super::HttpSink;
 use crate::config::Problem;
+use crate::sink::{more_than_zero, LogSink, SinkKind};
 use crate::units::HumanDuration;
 
 /// `type: http`.
@@ -29,9 +31,8 @@ fn default_http_timeout() -> HumanDuration {
     HumanDuration::secs(10)
 }
 
-impl HttpSinkConfig {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn problems(&self, field: &str) -> Vec<Problem> {
+impl SinkKind for HttpSinkConfig {
+    fn validate(&self, field: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         match reqwest::Url::parse(&self.url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
@@ -41,15 +42,17 @@ impl HttpSinkConfig {
             )),
         }
         self.header_map(field, &mut problems);
-        if self.timeout.0.is_zero() {
-            problems.push(Problem::new(
-                format!("{field}.timeout"),
-                "must be more than 0",
-            ));
-        }
+        problems.extend(more_than_zero(field, "timeout", self.timeout.0.is_zero()));
         problems
     }
 
+    fn open(&self, _name: &str, field: &str) -> Result<Box<dyn LogSink>, Problem> {
+        let sink = HttpSink::open(self).map_err(|e| Problem::new(format!("{field}.url"), e))?;
+        Ok(Box::new(sink))
+    }
+}
+
+impl HttpSinkConfig {
     /// The extra headers; those that are not valid are left out and reported in `problems`.
     pub(super) fn header_map(&self, field: &str, problems: &mut Vec<Problem>) -> HeaderMap {
         let mut headers = HeaderMap::new();

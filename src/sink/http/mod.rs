@@ -17,8 +17,7 @@ use http::{HeaderMap, StatusCode};
 
 pub use config::HttpSinkConfig;
 
-use super::{json_lines, Batch, LogSink, PeerDown, Rejection, SinkError, SinkKind};
-use crate::config::Problem;
+use super::{json_lines, Batch, LogSink, PeerDown, Rejection, SinkError};
 
 /// POSTs each batch to one URL.
 pub struct HttpSink {
@@ -30,11 +29,6 @@ pub struct HttpSink {
 }
 
 impl HttpSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &HttpSinkConfig, field: &str) -> Vec<Problem> {
-        cfg.problems(field)
-    }
-
     /// Builds the client (a validated configuration).
     pub fn open(cfg: &HttpSinkConfig) -> Result<HttpSink, String> {
         let url = reqwest::Url::parse(&cfg.url).map_err(|e| e.to_string())?;
@@ -131,17 +125,5 @@ impl LogSink for HttpSink {
 
     fn peer_down(&self) -> Option<String> {
         self.down.get()
-    }
-}
-
-impl SinkKind for HttpSinkConfig {
-    fn validate(&self, field: &str) -> Vec<Problem> {
-        self.problems(field)
-    }
-
-    fn open(&self, _name: &str, field: &str) -> Result<Box<dyn LogSink>, Problem> {
-        HttpSink::open(self)
-            .map(|s| Box::new(s) as Box<dyn LogSink>)
-            .map_err(|e| Problem::new(format!("{field}.url"), e))
     }
 }

@@ -10,7 +10,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use super::topic::{self, MAX_TOPIC_LEN};
+use super::KafkaSink;
 use crate::config::Problem;
+use crate::sink::{LogSink, SinkKind};
 use crate::units::{check_host_port, HumanDuration};
 
 /// librdkafka's limit on `linger.ms`.
@@ -191,9 +193,8 @@ pub(super) fn client_config(cfg: &KafkaSinkConfig, with_properties: bool) -> Cli
     c
 }
 
-impl KafkaSinkConfig {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn problems(&self, field: &str) -> Vec<Problem> {
+impl SinkKind for KafkaSinkConfig {
+    fn validate(&self, field: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut problem =
             |f: &str, m: String| problems.push(Problem::new(format!("{field}.{f}"), m));
@@ -257,6 +258,10 @@ impl KafkaSinkConfig {
         }
         problems
     }
+
+    fn open(&self, name: &str, _field: &str) -> Result<Box<dyn LogSink>, Problem> {
+        Ok(Box::new(KafkaSink::open(name, self)?))
+    }
 }
 
 /// librdkafka's own words for a property it refuses.
@@ -277,7 +282,7 @@ pub(super) mod tests {
 
     fn problems(yaml: &str) -> Vec<String> {
         config(yaml)
-            .problems("sinks.k")
+            .validate("sinks.k")
             .iter()
             .map(ToString::to_string)
             .collect()

@@ -28,7 +28,7 @@ pub use config::{Acks, Compression, KafkaSinkConfig};
 
 use self::config::client_config;
 use self::context::{BrokerWatch, SinkContext};
-use super::{Batch, LogSink, Rejection, SinkError, SinkKind};
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::config::Problem;
 use crate::record::Record;
 use crate::sync::lock;
@@ -99,11 +99,6 @@ fn unknown_topic(code: RDKafkaErrorCode) -> bool {
 }
 
 impl KafkaSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &KafkaSinkConfig, field: &str) -> Vec<Problem> {
-        cfg.problems(field)
-    }
-
     /// Opens the sink `name` (a validated configuration). Connects lazily: brokers that are
     /// down now are no reason to fail.
     pub fn open(name: &str, cfg: &KafkaSinkConfig) -> Result<KafkaSink, Problem> {
@@ -483,16 +478,6 @@ impl LogSink for KafkaSink {
     }
 }
 
-impl SinkKind for KafkaSinkConfig {
-    fn validate(&self, field: &str) -> Vec<Problem> {
-        self.problems(field)
-    }
-
-    fn open(&self, name: &str, _field: &str) -> Result<Box<dyn LogSink>, Problem> {
-        KafkaSink::open(name, self).map(|s| Box::new(s) as Box<dyn LogSink>)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -507,6 +492,7 @@ mod tests {
     use super::config::tests::config;
     use super::*;
     use crate::record::RecordBody;
+    use crate::sink::SinkKind;
 
     fn record(table: &str, n: usize, gid: Option<&str>) -> Record {
         let mut columns = BTreeMap::new();
@@ -543,7 +529,7 @@ mod tests {
     fn sink_for(bootstrap: &str, extra: &str) -> KafkaSink {
         let yaml = format!("{{brokers: ['{bootstrap}'], linger: 1ms, {extra}}}");
         let cfg = config(&yaml);
-        assert_eq!(KafkaSink::validate(&cfg, "k"), Vec::new());
+        assert_eq!(cfg.validate("k"), Vec::new());
         KafkaSink::open("k", &cfg).unwrap()
     }
 

@@ -5,51 +5,44 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::TdSink;
 use crate::config::Problem;
+use crate::sink::{more_than_zero, LogSink, SinkKind};
 use crate::template::Template;
 use crate::units::HumanDuration;
 
 /// `type: td`.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TdSinkConfig {
     /// The API's base URL.
-    #[serde(default = "default_endpoint")]
     pub endpoint: String,
     /// The API key (a write-only key is enough); or `api_key_file`, exactly one of them.
-    #[serde(default)]
     pub api_key: Option<String>,
     /// A file holding the API key, so the YAML holds no secret (surrounding whitespace ignored).
-    #[serde(default)]
     pub api_key_file: Option<PathBuf>,
     /// The database template; default: the record's own.
-    #[serde(default = "default_database")]
     pub database: String,
     /// The table template; default: the record's own.
-    #[serde(default = "default_table")]
     pub table: String,
     /// Create a table the API does not know (404), then import again.
-    #[serde(default = "default_true")]
     pub auto_create_table: bool,
     /// How long one request may take.
-    #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
 }
 
-fn default_endpoint() -> String {
-    "https://api.treasuredata.com".into()
-}
-fn default_database() -> String {
-    "{database}".into()
-}
-fn default_table() -> String {
-    "{table}".into()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_timeout() -> HumanDuration {
-    HumanDuration::secs(60)
+impl Default for TdSinkConfig {
+    fn default() -> Self {
+        TdSinkConfig {
+            endpoint: "https://api.treasuredata.com".into(),
+            api_key: None,
+            api_key_file: None,
+            database: "{database}".into(),
+            table: "{table}".into(),
+            auto_create_table: true,
+            timeout: HumanDuration::secs(60),
+        }
+    }
 }
 
 /// Never prints the key.
@@ -115,9 +108,10 @@ impl TdSinkConfig {
         }
         Ok(key)
     }
+}
 
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn problems(&self, field: &str) -> Vec<Problem> {
+impl SinkKind for TdSinkConfig {
+    fn validate(&self, field: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         match reqwest::Url::parse(&self.endpoint) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.query().is_none() => {}
@@ -134,13 +128,12 @@ impl TdSinkConfig {
                 problems.push(Problem::new(format!("{field}.{sub}"), e));
             }
         }
-        if self.timeout.0.is_zero() {
-            problems.push(Problem::new(
-                format!("{field}.timeout"),
-                "must be more than 0",
-            ));
-        }
+        problems.extend(more_than_zero(field, "timeout", self.timeout.0.is_zero()));
         problems
+    }
+
+    fn open(&self, name: &str, _field: &str) -> Result<Box<dyn LogSink>, Problem> {
+        Ok(Box::new(TdSink::open(name, self)?))
     }
 }
 
@@ -150,7 +143,7 @@ mod tests {
 
     fn problems(yaml: &str) -> Vec<String> {
         let cfg: TdSinkConfig = serde_saphyr::from_str(yaml).unwrap();
-        cfg.problems("sinks.td")
+        cfg.validate("sinks.td")
             .iter()
             .map(|p| p.to_string())
             .collect()

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 pub use config::TdSinkConfig;
 
 use super::http::{excerpt, gzip, http_client, request_error};
-use super::{Batch, LogSink, PeerDown, Rejection, SinkError, SinkKind};
+use super::{Batch, LogSink, PeerDown, Rejection, SinkError};
 use crate::config::Problem;
 use crate::record::Record;
 use crate::template::Template;
@@ -104,11 +104,6 @@ fn body(batch: &[Record], indices: &[usize]) -> Result<Vec<u8>, SinkError> {
 }
 
 impl TdSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &TdSinkConfig, field: &str) -> Vec<Problem> {
-        cfg.problems(field)
-    }
-
     /// Opens the sink `name` (a validated configuration): reads the key; connects nowhere.
     pub fn open(name: &str, cfg: &TdSinkConfig) -> Result<TdSink, Problem> {
         let field = format!("sinks.{name}");
@@ -293,16 +288,6 @@ impl LogSink for TdSink {
 
     fn peer_down(&self) -> Option<String> {
         self.down.get()
-    }
-}
-
-impl SinkKind for TdSinkConfig {
-    fn validate(&self, field: &str) -> Vec<Problem> {
-        self.problems(field)
-    }
-
-    fn open(&self, name: &str, _field: &str) -> Result<Box<dyn LogSink>, Problem> {
-        TdSink::open(name, self).map(|s| Box::new(s) as Box<dyn LogSink>)
     }
 }
 
