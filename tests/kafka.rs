@@ -633,7 +633,7 @@ fn check_reports_kafka_fields() {
         &config,
         r#"upstream: { peers: ["127.0.0.1:1"] }
 sinks:
-  main: { type: kafka, brokers: [], acks: leader, compression: brotli, topic: "{db}" }
+  main: { type: kafka, brokers: [], topic: "{db}" }
 "#,
     )
     .unwrap();
@@ -651,10 +651,93 @@ sinks:
     assert!(!out.status.success(), "{text}");
     for line in [
         "sinks.main.brokers: must not be empty",
-        "sinks.main.acks: must be all, -1, 0 or 1",
-        "sinks.main.compression: must be none, gzip, snappy, lz4 or zstd",
         "sinks.main.topic: ",
     ] {
         assert!(text.contains(line), "{line:?} missing in:\n{text}");
     }
+    // A word outside `acks` or `compression`'s set is refused as the file is parsed, with its line.
+    for (yaml, words) in [
+        ("acks: leader", ["must be all, -1, 0 or 1", "line 3"]),
+        ("compression: brotli", ["brotli", "line 3"]),
+    ] {
+        fs::write(
+            &config,
+            format!("upstream: {{ peers: [\"127.0.0.1:1\"] }}\nsinks:\n  main: {{ type: kafka, brokers: [\"k:1\"], {yaml} }}\n"),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
+            .arg("-c")
+            .arg(&config)
+            .arg("--check")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{text}");
+        for word in words {
+            assert!(text.contains(word), "{word:?} missing in:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn a_broker_that_comes_back_empty_gets_every_record() {
+    // A broker that restarts without its data (tansu with memory storage, a rebuilt cluster)
+    // does not know the idempotent producer's id and sequence numbers any more: the sink starts
+    // a new producer, and every record accepted during and after the outage arrives.
+    let port = free_port();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let tansu = Tansu::start(port);
+    tansu.create_topic("web.pageviews", 2);
+    let proxy = Proxy::start(&bootstrap, "");
+    let client = Client::new();
+    client.accepted(&proxy, "pageviews", 0..10);
+    let msgs = read_topic(
+        &bootstrap,
+        "web.pageviews",
+        &ns(0..10),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        counts(&msgs).into_keys().collect::<BTreeSet<_>>(),
+        ns(0..10)
+    );
+
+    // Stopped while postbacks flow.
+    drop(tansu);
+    for n in 10..20 {
+        client.accepted(&proxy, "pageviews", [n]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .proc
+            .log()
+            .contains("every Kafka broker is unreachable")),
+        "the sink does not know its broker is down\nproxy log:\n{}",
+        proxy.proc.log()
+    );
+
+    // Back, empty.
+    let tansu = Tansu::start(port);
+    tansu.create_topic("web.pageviews", 2);
+    let back = Instant::now();
+    client.accepted(&proxy, "pageviews", 20..30);
+    let msgs = read_topic(
+        &bootstrap,
+        "web.pageviews",
+        &ns(10..30),
+        Duration::from_secs(60),
+    );
+    let got: BTreeSet<String> = counts(&msgs).into_keys().collect();
+    assert!(
+        ns(10..30).is_subset(&got),
+        "missing: {:?}\nproxy log:\n{}",
+        ns(10..30).difference(&got).collect::<Vec<_>>(),
+        proxy.proc.log()
+    );
+    eprintln!(
+        "every record arrived {:?} after the broker came back",
+        back.elapsed()
+    );
 }

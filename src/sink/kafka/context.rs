@@ -86,7 +86,11 @@ impl SinkContext {
         match code {
             Some(RDKafkaErrorCode::AllBrokersDown) => {
                 let last = brokers.last_error.as_deref().unwrap_or(reason);
-                brokers.down = Some(format!("every Kafka broker is unreachable ({last})"));
+                let down = format!("every Kafka broker is unreachable ({last})");
+                if brokers.down.is_none() {
+                    warn!("sink {}: {down}", self.name);
+                }
+                brokers.down = Some(down);
             }
             Some(
                 RDKafkaErrorCode::BrokerTransportFailure
