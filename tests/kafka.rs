@@ -624,6 +624,23 @@ fn a_topic_that_does_not_exist_is_logged_and_retried_until_it_does() {
     );
 }
 
+/// What `--check` says of `config`, which it must refuse.
+fn refused_by_check(config: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
+        .arg("-c")
+        .arg(config)
+        .arg("--check")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    text
+}
+
 /// The proxy's own checks keep a bad sink configuration from starting.
 #[test]
 fn check_reports_kafka_fields() {
@@ -637,18 +654,7 @@ sinks:
 "#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-        .arg("-c")
-        .arg(&config)
-        .arg("--check")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{text}");
+    let text = refused_by_check(&config);
     for line in [
         "sinks.main.brokers: must not be empty",
         "sinks.main.topic: ",
@@ -665,15 +671,7 @@ sinks:
             format!("upstream: {{ peers: [\"127.0.0.1:1\"] }}\nsinks:\n  main: {{ type: kafka, brokers: [\"k:1\"], {yaml} }}\n"),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_postback-proxy"))
-            .arg("-c")
-            .arg(&config)
-            .arg("--check")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stderr).into_owned()
-            + &String::from_utf8_lossy(&out.stdout);
-        assert!(!out.status.success(), "{text}");
+        let text = refused_by_check(&config);
         for word in words {
             assert!(text.contains(word), "{word:?} missing in:\n{text}");
         }
@@ -692,16 +690,11 @@ fn a_broker_that_comes_back_empty_gets_every_record() {
     let proxy = Proxy::start(&bootstrap, "");
     let client = Client::new();
     client.accepted(&proxy, "pageviews", 0..10);
-    let msgs = read_topic(
-        &bootstrap,
-        "web.pageviews",
-        &ns(0..10),
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        counts(&msgs).into_keys().collect::<BTreeSet<_>>(),
-        ns(0..10)
-    );
+    let arrived = |want: &BTreeSet<String>| -> BTreeSet<String> {
+        let msgs = read_topic(&bootstrap, "web.pageviews", want, Duration::from_secs(60));
+        counts(&msgs).into_keys().collect()
+    };
+    assert_eq!(arrived(&ns(0..10)), ns(0..10));
 
     // Stopped while postbacks flow.
     drop(tansu);
@@ -723,13 +716,7 @@ fn a_broker_that_comes_back_empty_gets_every_record() {
     tansu.create_topic("web.pageviews", 2);
     let back = Instant::now();
     client.accepted(&proxy, "pageviews", 20..30);
-    let msgs = read_topic(
-        &bootstrap,
-        "web.pageviews",
-        &ns(10..30),
-        Duration::from_secs(60),
-    );
-    let got: BTreeSet<String> = counts(&msgs).into_keys().collect();
+    let got = arrived(&ns(10..30));
     assert!(
         ns(10..30).is_subset(&got),
         "missing: {:?}\nproxy log:\n{}",

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::convert::Infallible;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -191,61 +190,30 @@ async fn handle(
     }
 }
 
-/// The stand-in API on its own thread and runtime.
+/// The stand-in API, served by a task of the test's runtime until dropped.
 struct Server {
     port: u16,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    fn start(api: Api) -> Server {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
+    async fn start(api: Api) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut stopped => break,
-                        accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
-                            let api = api.clone();
-                            tokio::spawn(async move {
-                                let service = service_fn(move |req| handle(api.clone(), req));
-                                let _ = http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
-                            });
-                        }
-                    }
-                }
-            });
-            rt.shutdown_timeout(Duration::from_millis(100));
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let api = api.clone();
+                let service = service_fn(move |req| handle(api.clone(), req));
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            }
         });
-        Server {
-            port,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        Server { port, task }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.task.abort();
     }
 }
 
@@ -258,6 +226,16 @@ fn td_settings(origin: &Origin, server: &Server) -> Settings {
         server.port
     ));
     s
+}
+
+/// The stand-in, set up by `setup`, and a proxy importing into it.
+async fn start(setup: impl FnOnce(&mut State)) -> (Origin, Api, Server, Proxy) {
+    let origin = Origin::start();
+    let api = Api::default();
+    api.with(setup);
+    let server = Server::start(api.clone()).await;
+    let proxy = Proxy::start_with(td_settings(&origin, &server));
+    (origin, api, server, proxy)
 }
 
 /// Sends pixels `ns` to `web.{table}`; each must be accepted.
@@ -288,10 +266,7 @@ fn counts(records: &[Value]) -> BTreeMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_imported_with_the_api_shape_and_tables_created() {
-    let origin = Origin::start();
-    let api = Api::default();
-    let server = Server::start(api.clone());
-    let proxy = Proxy::start_with(td_settings(&origin, &server));
+    let (_origin, api, _server, proxy) = start(|_| {}).await;
     let start = now();
     pixels(&proxy, "pageviews", 0..20).await;
     pixels(&proxy, "clicks", 20..25).await;
@@ -341,14 +316,11 @@ async fn batches_are_imported_with_the_api_shape_and_tables_created() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_and_failing_answers_are_retried() {
-    let origin = Origin::start();
-    let api = Api::default();
-    api.with(|s| {
+    let (_origin, api, _server, proxy) = start(|s| {
         s.tables.insert("web.pageviews".into());
         s.script.extend([429, 500, 503]);
-    });
-    let server = Server::start(api.clone());
-    let proxy = Proxy::start_with(td_settings(&origin, &server));
+    })
+    .await;
     pixels(&proxy, "pageviews", 0..5).await;
     let kept = api.wait_kept(&ns(0..5), &proxy);
     assert_eq!(counts(&kept).values().copied().max(), Some(1));
@@ -368,14 +340,11 @@ async fn busy_and_failing_answers_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_key_marks_the_sink_down_and_is_never_logged() {
-    let origin = Origin::start();
-    let api = Api::default();
-    api.with(|s| {
+    let (_origin, api, _server, proxy) = start(|s| {
         s.tables.insert("web.pageviews".into());
         s.refuse_key = true;
-    });
-    let server = Server::start(api.clone());
-    let proxy = Proxy::start_with(td_settings(&origin, &server));
+    })
+    .await;
     pixels(&proxy, "pageviews", 0..3).await;
     let deadline = Instant::now() + WAIT;
     while !proxy.stderr().contains("the API key was refused") {
@@ -418,7 +387,7 @@ async fn a_crash_between_import_and_checkpoint_sends_the_same_batch_with_the_sam
         // The first import is recorded, then its answer held until the proxy is dead.
         s.stall_next = Some(Duration::from_secs(30));
     });
-    let server = Server::start(api.clone());
+    let server = Server::start(api.clone()).await;
     let mut settings = td_settings(&origin, &server);
     settings.batch_max_wait = "300ms".into();
     let mut proxy = Proxy::start_with(settings.clone());
