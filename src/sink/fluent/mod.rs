@@ -570,6 +570,7 @@ mod tests {
                 vec![],
                 "the second batch goes over the same connection"
             );
+            assert_eq!(sink.peer_down(), None);
             sink.close().await.unwrap();
             task.await.unwrap();
             let mut tags = Vec::new();
@@ -723,6 +724,13 @@ mod tests {
                 .await
                 .unwrap_err();
         assert!(e.to_string().contains("cannot connect"), "{e}");
+        // A connect failure is the peer unreachable: the lane marks the sink down.
+        assert!(e.is_unreachable(), "{e}");
+        assert!(
+            sink.peer_down().is_some_and(|d| d.contains(&address)),
+            "{:?}",
+            sink.peer_down()
+        );
         assert_eq!(
             bounded(sink.write_batch(&Batch::new(&[], String::new())))
                 .await

@@ -127,3 +127,30 @@ impl LogSink for HttpSink {
         self.down.get()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::test_support::test_record;
+
+    #[tokio::test]
+    async fn a_connect_failure_is_unreachable_until_an_answer() {
+        let cfg: HttpSinkConfig =
+            serde_saphyr::from_str("{url: 'http://127.0.0.1:1/bulk', timeout: 2s}").unwrap();
+        let sink = HttpSink::open(&cfg).unwrap();
+        let records = [test_record("web", "pv", 1, &[])];
+        let e = sink
+            .write_batch(&Batch::new(&records, String::new()))
+            .await
+            .unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot connect to http://127.0.0.1:1/bulk"),
+            "{e}"
+        );
+        assert!(sink.peer_down().is_some());
+        sink.down.track(Ok(())).unwrap();
+        assert_eq!(sink.peer_down(), None);
+    }
+}

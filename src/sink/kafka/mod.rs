@@ -740,6 +740,11 @@ mod tests {
         let mock = cluster(&["web.pageviews"]);
         let bootstrap = mock.bootstrap_servers();
         let sink = sink_for(&bootstrap, "timeout: 1500ms");
+        // Connected first, so that the broker going down is seen as it happens.
+        sink.write_batch(&Batch::new(&[record("pageviews", 0, None)], String::new()))
+            .await
+            .unwrap();
+        assert_eq!(sink.peer_down(), None);
         mock.broker_down(-1).unwrap();
         let batch: Vec<_> = (0..3).map(|n| record("pageviews", n, None)).collect();
         let err = sink
@@ -747,6 +752,12 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("web.pageviews"), "{err}");
+        // librdkafka's AllBrokersDown event: the sink knows, and the error says so.
+        let down = sink
+            .peer_down()
+            .expect("the sink knows its brokers are down");
+        assert!(down.contains("every Kafka broker is unreachable"), "{down}");
+        assert!(err.is_unreachable(), "{err}");
         mock.broker_up(-1).unwrap();
         // The caller retries: within a bounded number of tries the batch is delivered.
         let mut delivered = false;
@@ -758,6 +769,12 @@ mod tests {
             }
         }
         assert!(delivered, "not delivered after the broker came back");
+        // The broker statistics show it up again within a few seconds.
+        let until = StdInstant::now() + Duration::from_secs(10);
+        while sink.peer_down().is_some() && StdInstant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(sink.peer_down(), None);
         let mut ns: Vec<_> = read_topic(&bootstrap, "web.pageviews", 3)
             .iter()
             .map(value_n)

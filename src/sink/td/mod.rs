@@ -293,6 +293,10 @@ impl LogSink for TdSink {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde::Deserialize;
+
     use super::*;
     use crate::sink::test_support::test_record;
 
@@ -348,7 +352,6 @@ mod tests {
         let mut raw = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw).unwrap();
         let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(&raw[..]));
-        use serde::Deserialize;
         let first =
             std::collections::BTreeMap::<String, rmpv_like::V>::deserialize(&mut de).unwrap();
         assert_eq!(first["time"], rmpv_like::V::Int(1764245000));
@@ -358,6 +361,141 @@ mod tests {
             std::collections::BTreeMap::<String, rmpv_like::V>::deserialize(&mut de).unwrap();
         assert_eq!(second.len(), 1);
         assert_eq!(de.position() as usize, raw.len());
+    }
+
+    /// A stand-in import API answering each import with `answer(records in the body)`; returns
+    /// its URL and the (path, record count) of every import.
+    async fn stand_in(answer: fn(usize) -> u16) -> (String, Arc<Mutex<Vec<(String, usize)>>>) {
+        use http_body_util::BodyExt;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let mut raw = Vec::new();
+                            std::io::Read::read_to_end(
+                                &mut flate2::read::GzDecoder::new(&body[..]),
+                                &mut raw,
+                            )
+                            .unwrap();
+                            let mut de =
+                                rmp_serde::Deserializer::new(std::io::Cursor::new(&raw[..]));
+                            let mut n = 0;
+                            while (de.position() as usize) < raw.len() {
+                                crate::record::RecordBody::deserialize(&mut de).unwrap();
+                                n += 1;
+                            }
+                            log.lock().unwrap().push((path, n));
+                            let status = answer(n);
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::from("{}")))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    fn sink(url: &str) -> TdSink {
+        let cfg: TdSinkConfig = serde_saphyr::from_str(&format!(
+            "{{endpoint: '{url}', api_key: k, auto_create_table: false}}"
+        ))
+        .unwrap();
+        TdSink::open("td", &cfg).unwrap()
+    }
+
+    fn batch(n: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| test_record("web", "pv", 1, &[("n", &i.to_string())]))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn too_large_groups_are_halved_with_derived_ids() {
+        // More than 2 records in one request: 413.
+        let (url, seen) = stand_in(|n| if n > 2 { 413 } else { 200 }).await;
+        let sink = sink(&url);
+        let records = batch(5);
+        let rejected = sink
+            .write_batch(&Batch::new(&records, "b".into()))
+            .await
+            .unwrap();
+        assert_eq!(rejected, Vec::new());
+        let seen = seen.lock().unwrap().clone();
+        let id = |part: &str| {
+            format!(
+                "/v3/table/import_with_id/web/pv/{}/msgpack.gz",
+                unique_id("b", "web", "pv", part)
+            )
+        };
+        // 5 -> 2 + 3; 3 -> 1 + 2.
+        assert_eq!(
+            seen,
+            vec![
+                (id(""), 5),
+                (id("0"), 2),
+                (id("1"), 3),
+                (id("10"), 1),
+                (id("11"), 2)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_single_record_too_large_and_other_refusals_are_rejected() {
+        let (url, _) = stand_in(|_| 413).await;
+        let records = batch(2);
+        let rejected = sink(&url)
+            .write_batch(&Batch::new(&records, "b".into()))
+            .await
+            .unwrap();
+        assert_eq!(rejected.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1]);
+        assert!(rejected[0].reason.contains("413"), "{rejected:?}");
+        // Without auto_create_table a missing table is a refusal too.
+        let (url, _) = stand_in(|_| 404).await;
+        let rejected = sink(&url)
+            .write_batch(&Batch::new(&records, "b".into()))
+            .await
+            .unwrap();
+        assert_eq!(rejected.len(), 2);
+        assert!(rejected[0].reason.contains("404"), "{rejected:?}");
+        // 401: an error, and the sink says why it is down.
+        let (url, _) = stand_in(|_| 401).await;
+        let sink = sink(&url);
+        let e = sink
+            .write_batch(&Batch::new(&records, "b".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), Some(401));
+        assert_eq!(
+            sink.peer_down().as_deref(),
+            Some("the API key was refused (HTTP 401)")
+        );
+        // Nothing listening: unreachable, and down.
+        let sink = self::sink("http://127.0.0.1:1");
+        let e = sink
+            .write_batch(&Batch::new(&records, "b".into()))
+            .await
+            .unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
+        assert!(sink.peer_down().is_some());
     }
 
     /// Integers and strings, told apart.
