@@ -203,7 +203,7 @@ pub trait LogSink: Send + Sync {
 
 /// What each kind of sink gives the registry: implemented by its configuration type.
 trait SinkKind {
-    /// Checks the configuration without touching anything; problems are reported under
+    /// Checks the configuration, connecting nowhere; problems are reported under
     /// `field` (`sinks.NAME`) and its sub-fields.
     fn validate(&self, field: &str) -> Vec<Problem>;
     /// Opens the sink `name` (a validated configuration); a problem names the field at fault.
@@ -285,12 +285,14 @@ impl PeerDown {
         crate::sync::lock(&self.0).take();
     }
 
-    /// Notes what `result` says of the peer: an `Unreachable` error sets it down, anything else
-    /// (the peer answered) clears it; `result` is passed on.
+    /// Notes what `result` says of the peer: an `Unreachable` error sets it down, an answer
+    /// (`Ok`, or a refusal with a status) clears it, and anything else (a timeout) says nothing
+    /// new; `result` is passed on.
     pub(crate) fn track<T>(&self, result: Result<T, SinkError>) -> Result<T, SinkError> {
         match &result {
             Err(e) if e.is_unreachable() => self.set(e.to_string()),
-            _ => self.clear(),
+            Ok(_) | Err(SinkError::Refused { .. }) => self.clear(),
+            Err(_) => {}
         }
         result
     }
