@@ -181,6 +181,10 @@ pub(super) fn client_config(cfg: &KafkaSinkConfig, with_properties: bool) -> Cli
             "statistics.interval.ms",
             STATS_INTERVAL.as_millis().to_string(),
         );
+    // Idempotence keeps librdkafka's own retries from duplicating or reordering messages. Its
+    // producer id and sequence numbers live on the brokers, though: a broker that comes back
+    // without its data refuses them for ever, which the sink mends by starting a new producer
+    // (see `KafkaSink::recover`).
     if cfg.acks == Acks::All {
         c.set("enable.idempotence", "true");
     }
