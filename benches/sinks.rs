@@ -20,8 +20,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use postback_proxy::config::SinkConfig;
 use postback_proxy::record::{Record, RecordBody};
+use postback_proxy::sink::SinkConfig;
 use postback_proxy::sink::{self, LogSink};
 
 const BATCH_SIZES: [usize; 3] = [1, 100, 1000];

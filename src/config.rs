@@ -20,7 +20,7 @@ use crate::http::upstream::UpstreamConfig;
 use crate::postback::auth::AuthConfig;
 use crate::postback::config::PostbackConfig;
 use crate::postback::route::{default_routes, RouteConfig};
-use crate::units::{ByteSize, HumanDuration};
+use crate::sink::SinkConfig;
 
 /// One problem found in the configuration: the dotted path of the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -208,160 +208,6 @@ fn default_recent_records() -> usize {
     crate::http::builder::DEFAULT_RECENT_RECORDS
 }
 
-/// One entry of `sinks:`.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// JSON lines appended to a file, rotated by size and age.
-    File(FileSinkConfig),
-    /// JSON lines on standard output.
-    Stdout,
-    /// NDJSON batches POSTed to a collector.
-    Http(HttpSinkConfig),
-    /// Messages produced to Kafka topics.
-    Kafka(KafkaSinkConfig),
-    /// The Fluentd forward protocol (td-agent, Fluentd, Fluent Bit).
-    Fluent(FluentSinkConfig),
-}
-
-/// `type: kafka`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSinkConfig {
-    /// Bootstrap brokers, `host:port`.
-    pub brokers: Vec<String>,
-    /// Topic template: `{database}` and `{table}` are replaced; a fixed name is fine.
-    #[serde(default = "default_kafka_topic")]
-    pub topic: String,
-    /// `all` (default), `1` or `0`.
-    #[serde(default = "default_kafka_acks")]
-    pub acks: String,
-    /// `lz4` (default), `none`, `gzip`, `snappy`, `zstd`.
-    #[serde(default = "default_kafka_compression")]
-    pub compression: String,
-    /// How long the producer waits to fill a batch.
-    #[serde(default = "default_kafka_linger")]
-    pub linger: HumanDuration,
-    #[serde(default = "default_kafka_client_id")]
-    pub client_id: String,
-    /// How long a batch may wait for its acknowledgements before it is retried.
-    #[serde(default = "default_kafka_timeout")]
-    pub timeout: HumanDuration,
-    /// Further librdkafka properties, passed through (`security.protocol`, `sasl.*`, `ssl.*`, ...).
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-fn default_kafka_topic() -> String {
-    "{database}.{table}".into()
-}
-fn default_kafka_acks() -> String {
-    "all".into()
-}
-fn default_kafka_compression() -> String {
-    "lz4".into()
-}
-fn default_kafka_linger() -> HumanDuration {
-    HumanDuration::millis(5)
-}
-fn default_kafka_client_id() -> String {
-    "postback-proxy".into()
-}
-fn default_kafka_timeout() -> HumanDuration {
-    HumanDuration::secs(30)
-}
-
-/// `type: fluent`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FluentSinkConfig {
-    /// `host:port` of the forward input.
-    pub address: String,
-    /// Tag template: `{database}` and `{table}` are replaced.
-    #[serde(default = "default_fluent_tag")]
-    pub tag: String,
-    /// Send the `chunk` option and wait for the matching `ack`.
-    #[serde(default = "default_true")]
-    pub require_ack: bool,
-    /// How long a connect, a write or waiting for an ack may take.
-    #[serde(default = "default_fluent_timeout")]
-    pub timeout: HumanDuration,
-}
-
-fn default_fluent_tag() -> String {
-    "td.{database}.{table}".into()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_fluent_timeout() -> HumanDuration {
-    HumanDuration::secs(10)
-}
-
-/// `type: http`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpSinkConfig {
-    /// Where batches are POSTed.
-    pub url: String,
-    /// Extra request headers (an `Authorization`, say).
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Compress each batch with gzip (`Content-Encoding: gzip`).
-    #[serde(default)]
-    pub gzip: bool,
-    /// How long one POST may take.
-    #[serde(default = "default_http_timeout")]
-    pub timeout: HumanDuration,
-}
-
-fn default_http_timeout() -> HumanDuration {
-    HumanDuration::secs(10)
-}
-
-/// `type: file`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSinkConfig {
-    #[serde(default = "default_file_path")]
-    pub path: PathBuf,
-    #[serde(default)]
-    pub rotate: RotateConfig,
-}
-
-fn default_file_path() -> PathBuf {
-    "data/events.jsonl".into()
-}
-
-/// When the file sink starts a new file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RotateConfig {
-    pub max_bytes: ByteSize,
-    /// Rotate files older than this; none: by size only.
-    pub interval: Option<HumanDuration>,
-}
-
-impl Default for RotateConfig {
-    fn default() -> Self {
-        RotateConfig {
-            max_bytes: ByteSize::mib(256),
-            interval: Some(HumanDuration::secs(3600)),
-        }
-    }
-}
-
-pub(crate) fn default_sinks() -> BTreeMap<String, SinkConfig> {
-    let mut sinks = BTreeMap::new();
-    sinks.insert(
-        "main".to_string(),
-        SinkConfig::File(FileSinkConfig {
-            path: default_file_path(),
-            rotate: RotateConfig::default(),
-        }),
-    );
-    sinks
-}
 
 #[cfg(test)]
 use crate::delivery::{FsyncPolicy, WhenFull};
@@ -370,6 +216,7 @@ use crate::delivery::{FsyncPolicy, WhenFull};
 mod tests {
     use super::*;
     use crate::postback::cookie::SecureSetting;
+    use crate::units::{ByteSize, HumanDuration};
 
     #[test]
     fn minimal_file_gets_every_default() {
@@ -379,7 +226,7 @@ mod tests {
         assert_eq!(c.routes[0].sink.names(), ["main"]);
         assert!(
             c.sinks.is_none()
-                && matches!(default_sinks()["main"], SinkConfig::File(ref f) if f.path == Path::new("data/events.jsonl"))
+                && matches!(crate::sink::default_sinks()["main"], SinkConfig::File(ref f) if f.path == Path::new("data/events.jsonl"))
         );
         assert!(c.auth.write_keys.is_empty());
         assert_eq!(c.postback.max_url_bytes, ByteSize(16384));

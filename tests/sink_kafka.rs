@@ -471,7 +471,7 @@ fn check_reports_kafka_fields() {
         &config,
         r#"upstream: { peers: ["127.0.0.1:1"] }
 sinks:
-  main: { type: kafka, brokers: [], acks: leader, compression: brotli, topic: "{db}" }
+  main: { type: kafka, brokers: [], topic: "{db}" }
 "#,
     )
     .unwrap();
@@ -480,9 +480,96 @@ sinks:
     assert!(!out.status.success(), "{text}");
     let lines = [
         "sinks.main.brokers: must not be empty",
-        "sinks.main.acks: must be all, -1, 0 or 1",
-        "sinks.main.compression: must be none, gzip, snappy, lz4 or zstd",
         "sinks.main.topic: ",
     ];
     common::assert_contains_all(&text, &lines, "the --check output");
+    // A word outside `acks` or `compression`'s set is refused as the file is parsed, with its line.
+    for (yaml, words) in [
+        ("acks: leader", ["must be all, -1, 0 or 1", "line 3"]),
+        ("compression: brotli", ["brotli", "line 3"]),
+    ] {
+        std::fs::write(
+            &config,
+            format!("upstream: {{ peers: [\"127.0.0.1:1\"] }}\nsinks:\n  main: {{ type: kafka, brokers: [\"k:1\"], {yaml} }}\n"),
+        )
+        .unwrap();
+        let (out, stdout, stderr) = check("-c", &config, dir.path());
+        let text = format!("{stdout}{stderr}");
+        assert!(!out.status.success(), "{text}");
+        common::assert_contains_all(&text, &words, "the --check output");
+    }
+}
+
+/// The sink's state in `/sinks` (`up` or `down`).
+fn sink_state(proxy: &Proxy) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sinks = rt.block_on(common::get(&proxy.admin_url("/sinks"), &[])).json();
+    sinks[0]["state"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_broker_that_comes_back_empty_gets_every_record() {
+    // A broker that restarts without its data (tansu with memory storage, a rebuilt cluster)
+    // does not know the idempotent producer's id and sequence numbers any more: the sink starts
+    // a new producer, and every record accepted during and after the outage arrives.
+    let port = free_port();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let tansu = Tansu::start(port);
+    tansu.create_topic("web.pageviews", 2);
+    let proxy = start_proxy(&bootstrap, "");
+    let client = Client::new();
+    client.accepted(&proxy, "pageviews", 0..10);
+    let arrived = |want: &BTreeSet<String>| -> BTreeSet<String> {
+        let msgs = read_topic(&bootstrap, "web.pageviews", want, Duration::from_secs(60));
+        counts(&msgs).into_keys().collect()
+    };
+    assert_eq!(arrived(&ns(0..10)), ns(0..10));
+    assert_eq!(sink_state(&proxy), "up");
+
+    // Stopped while postbacks flow: `/sinks` says so within 5 s, and the instance stays ready.
+    drop(tansu);
+    let stopped = Instant::now();
+    for n in 10..20 {
+        client.accepted(&proxy, "pageviews", [n]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        eventually(Duration::from_secs(5).saturating_sub(stopped.elapsed()), || {
+            sink_state(&proxy) == "down"
+        }) || sink_state(&proxy) == "down",
+        "/sinks does not say the sink is down\nproxy log:\n{}",
+        proxy.stderr()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ready = rt.block_on(common::get(&proxy.admin_url("/readyz"), &[]));
+    assert_eq!(ready.status, 200, "a sink outage alone keeps the instance ready");
+    assert!(
+        proxy.stderr().contains("every Kafka broker is unreachable"),
+        "the sink does not say its broker is down\nproxy log:\n{}",
+        proxy.stderr()
+    );
+
+    // Back, empty.
+    let tansu = Tansu::start(port);
+    tansu.create_topic("web.pageviews", 2);
+    let back = Instant::now();
+    client.accepted(&proxy, "pageviews", 20..30);
+    let got = arrived(&ns(10..30));
+    assert!(
+        ns(10..30).is_subset(&got),
+        "missing: {:?}\nproxy log:\n{}",
+        ns(10..30).difference(&got).collect::<Vec<_>>(),
+        proxy.stderr()
+    );
+    eprintln!(
+        "every record arrived {:?} after the broker came back",
+        back.elapsed()
+    );
+    assert!(eventually(Duration::from_secs(10), || sink_state(&proxy) == "up"));
 }

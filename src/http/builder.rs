@@ -11,7 +11,8 @@ use log::warn;
 use super::client_ip::ClientIpPolicy;
 use super::live::LiveView;
 use super::postbacks::Postbacks;
-use crate::config::{Config, Problem, SinkConfig};
+use crate::config::{Config, Problem};
+use crate::sink::SinkConfig;
 use crate::delivery::{Delivery, MAX_BODY_BYTES};
 use crate::postback::auth::KeyStore;
 use crate::postback::route::{Route, RouteConfig, Router};
@@ -91,7 +92,7 @@ impl PostbacksBuilder {
 
     /// Without `sinks:` in the file and none registered in code, `main` is a file sink.
     fn default_sinks(&self) -> Option<BTreeMap<String, SinkConfig>> {
-        (self.config.sinks.is_none() && self.custom.is_empty()).then(crate::config::default_sinks)
+        (self.config.sinks.is_none() && self.custom.is_empty()).then(sink::default_sinks)
     }
 
     fn file_sinks<'a>(
@@ -115,7 +116,7 @@ impl PostbacksBuilder {
         let mut problems = Vec::new();
         for (name, cfg) in file_sinks {
             match sink::open(name, cfg) {
-                Ok(s) => sinks.push((name.clone(), s)),
+                Ok(s) => sinks.push((name.to_string(), s)),
                 Err(p) => problems.push(p),
             }
         }

@@ -1,23 +1,33 @@
 //! Log sinks: where delivered records end up.
 //!
-//! A sink takes whole batches. It is called from the delivery writer only, one batch at a time,
+//! A sink takes whole batches. It is called from the delivery side only, one batch at a time,
 //! and knows nothing about HTTP or buffering: it writes, and says whether the batch is delivered.
+//!
+//! This module is the registry: the [`LogSink`] trait, its [`Batch`], [`Rejection`] and
+//! [`SinkError`], and [`SinkConfig`], the `sinks:` entry, with one line per kind of sink. Each
+//! kind lives in its own module with its configuration type, its validation and its code; a new
+//! kind adds its module and one line to `registry!` below.
 
 mod file;
 mod fluent;
 mod http;
 mod kafka;
 mod stdout;
+mod td;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 use async_trait::async_trait;
+use serde::Deserialize;
 
-pub use file::FileSink;
-pub use fluent::FluentSink;
-pub use http::HttpSink;
-pub use kafka::KafkaSink;
-pub use stdout::StdoutSink;
+pub use file::{FileSink, FileSinkConfig, RotateConfig};
+pub use fluent::{FluentSink, FluentSinkConfig};
+pub use http::{HttpSink, HttpSinkConfig};
+pub use kafka::{Acks, Compression, KafkaSink, KafkaSinkConfig};
+pub use stdout::{StdoutSink, StdoutSinkConfig};
+pub use td::{TdSink, TdSinkConfig};
 
-use crate::config::{Problem, SinkConfig};
+use crate::config::Problem;
 use crate::record::Record;
 
 /// A record in a batch that the sink refused for good (it will never take it), with the reason.
@@ -71,10 +81,99 @@ impl std::ops::Deref for Batch<'_> {
     }
 }
 
+/// The cause kept inside a [`SinkError`].
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A batch write that did not go through; the whole batch is tried again later.
+///
+/// The variants say what kind of failure it was, so the lane can tell an unreachable peer
+/// (`/sinks` says `down`) from a peer that answered but refused for now.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
+pub enum SinkError {
+    /// The peer could not be reached: connection refused or reset, name not resolved, every
+    /// Kafka broker down.
+    #[error("cannot connect to {peer}: {cause}")]
+    Unreachable {
+        /// The address or URL tried.
+        peer: String,
+        #[source]
+        cause: Cause,
+    },
+    /// Reading or writing failed (a local file, or a socket already open).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, e.g. `cannot write data/events.jsonl`.
+        what: String,
+        source: std::io::Error,
+    },
+    /// The peer answered, and refused the batch for now (HTTP 5xx, 429, 401, ...).
+    #[error("{peer} answered {status}: {detail}")]
+    Refused {
+        /// The URL or peer that answered.
+        peer: String,
+        /// The status it answered with.
+        status: u16,
+        /// What it said (an excerpt; no secrets).
+        detail: String,
+    },
+    /// No answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Anything else: the peer broke the protocol, the client library failed, ...
+    #[error("{message}")]
+    Other {
+        message: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+impl SinkError {
+    /// The peer `peer` could not be reached because of `cause`.
+    pub fn unreachable(peer: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        SinkError::Unreachable {
+            peer: peer.into(),
+            cause: cause.into(),
+        }
+    }
+
+    /// An I/O failure while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        SinkError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// Any other failure, described by `message`.
+    pub fn other(message: impl Into<String>) -> Self {
+        SinkError::Other {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// Any other failure, described by `message`, caused by `cause`.
+    pub fn caused(message: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        SinkError::Other {
+            message: message.into(),
+            cause: Some(cause.into()),
+        }
+    }
+
+    /// Whether the peer is known to be unreachable: the lane marks the sink `down` at once.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, SinkError::Unreachable { .. })
+    }
+
+    /// The HTTP status the peer answered with, for [`SinkError::Refused`].
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SinkError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
 
 /// A destination for records.
 ///
@@ -102,33 +201,155 @@ pub trait LogSink: Send + Sync {
     }
 }
 
+/// What each kind of sink gives the registry: implemented by its configuration type.
+trait SinkKind {
+    /// Checks the configuration, connecting nowhere; problems are reported under
+    /// `field` (`sinks.NAME`) and its sub-fields.
+    fn validate(&self, field: &str) -> Vec<Problem>;
+    /// Opens the sink `name` (a validated configuration); a problem names the field at fault.
+    fn open(&self, name: &str, field: &str) -> Result<Box<dyn LogSink>, Problem>;
+}
+
+/// The kinds of sink: `Variant(config type)`, its `type:` word the variant in lower case.
+macro_rules! registry {
+    ($($(#[$doc:meta])* $variant:ident($config:ty),)*) => {
+        /// One entry of `sinks:`, chosen by its `type:`.
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+        pub enum SinkConfig {
+            $($(#[$doc])* $variant($config),)*
+        }
+
+        impl SinkConfig {
+            fn kind(&self) -> &dyn SinkKind {
+                match self {
+                    $(SinkConfig::$variant(c) => c,)*
+                }
+            }
+        }
+    };
+}
+
+registry! {
+    /// JSON lines appended to a file, rotated by size and age.
+    File(FileSinkConfig),
+    /// JSON lines on standard output.
+    Stdout(StdoutSinkConfig),
+    /// NDJSON batches POSTed to a collector.
+    Http(HttpSinkConfig),
+    /// Messages produced to Kafka topics.
+    Kafka(KafkaSinkConfig),
+    /// The Fluentd forward protocol (td-agent, Fluentd, Fluent Bit).
+    Fluent(FluentSinkConfig),
+    /// Treasure Data's bulk import API, exactly once with the disk buffer.
+    Td(TdSinkConfig),
+}
+
 /// Checks the configuration of sink `name` without touching anything; `--check` and start-up.
 pub fn validate(name: &str, cfg: &SinkConfig) -> Vec<Problem> {
-    let field = format!("sinks.{name}");
-    match cfg {
-        SinkConfig::File(f) => FileSink::validate(f, &field),
-        SinkConfig::Http(h) => HttpSink::validate(h, &field),
-        SinkConfig::Kafka(k) => KafkaSink::validate(k, &field),
-        SinkConfig::Fluent(f) => FluentSink::validate(f, &field),
-        SinkConfig::Stdout => Vec::new(),
-    }
+    cfg.kind().validate(&format!("sinks.{name}"))
 }
 
 /// Opens the sink `name` (a validated configuration); runs once at start-up.
 pub fn open(name: &str, cfg: &SinkConfig) -> Result<Box<dyn LogSink>, Problem> {
-    match cfg {
-        SinkConfig::File(f) => FileSink::open(f)
-            .map(|s| Box::new(s) as Box<dyn LogSink>)
-            .map_err(|e| Problem::new(format!("sinks.{name}.path"), e.to_string())),
-        SinkConfig::Http(h) => HttpSink::open(h)
-            .map(|s| Box::new(s) as Box<dyn LogSink>)
-            .map_err(|e| Problem::new(format!("sinks.{name}.url"), e)),
-        SinkConfig::Kafka(k) => KafkaSink::open(name, k)
-            .map(|s| Box::new(s) as Box<dyn LogSink>)
-            .map_err(|e| Problem::new(format!("sinks.{name}.brokers"), e)),
-        SinkConfig::Fluent(f) => FluentSink::open(name, f)
-            .map(|s| Box::new(s) as Box<dyn LogSink>)
-            .map_err(|e| Problem::new(format!("sinks.{name}.address"), e)),
-        SinkConfig::Stdout => Ok(Box::new(StdoutSink::new())),
+    cfg.kind().open(name, &format!("sinks.{name}"))
+}
+
+/// Without `sinks:`, `main` is a `file` sink at `data/events.jsonl`.
+pub(crate) fn default_sinks() -> std::collections::BTreeMap<String, SinkConfig> {
+    [(
+        "main".to_string(),
+        SinkConfig::File(FileSinkConfig::default()),
+    )]
+    .into()
+}
+
+/// The last time a sink could not reach its peer, until it reaches it again: what the fluent,
+/// http and td sinks answer [`LogSink::peer_down`] with.
+#[derive(Debug, Default)]
+pub(crate) struct PeerDown(std::sync::Mutex<Option<String>>);
+
+impl PeerDown {
+    /// What is known against the peer now.
+    pub(crate) fn get(&self) -> Option<String> {
+        crate::sync::lock(&self.0).clone()
+    }
+
+    /// The peer is down for `reason`.
+    pub(crate) fn set(&self, reason: String) {
+        *crate::sync::lock(&self.0) = Some(reason);
+    }
+
+    /// The peer answered.
+    pub(crate) fn clear(&self) {
+        crate::sync::lock(&self.0).take();
+    }
+
+    /// Notes what `result` says of the peer: an `Unreachable` error sets it down, an answer
+    /// (`Ok`, or a refusal with a status) clears it, and anything else (a timeout) says nothing
+    /// new; `result` is passed on.
+    pub(crate) fn track<T>(&self, result: Result<T, SinkError>) -> Result<T, SinkError> {
+        match &result {
+            Err(e) if e.is_unreachable() => self.set(e.to_string()),
+            Ok(_) | Err(SinkError::Refused { .. }) => self.clear(),
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// "`{field}.{sub}`: must be more than 0" when `zero`.
+pub(crate) fn more_than_zero(field: &str, sub: &str, zero: bool) -> Option<Problem> {
+    zero.then(|| Problem::new(format!("{field}.{sub}"), "must be more than 0"))
+}
+
+/// Each record of `batch` as a JSON line, one after the other (the stdout, file and http sinks).
+pub(crate) fn json_lines(batch: &[Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.len() * 256);
+    for record in batch {
+        record.to_json_line(&mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_word_parses() {
+        for yaml in [
+            "{type: stdout}",
+            "{type: file, path: x.jsonl}",
+            "{type: http, url: 'http://127.0.0.1:1/'}",
+            "{type: kafka, brokers: ['k:1']}",
+            "{type: fluent, address: '127.0.0.1:24224'}",
+            "{type: td, api_key: k}",
+        ] {
+            let cfg: SinkConfig = serde_saphyr::from_str(yaml).expect(yaml);
+            assert_eq!(validate("s", &cfg), Vec::new(), "{yaml}");
+        }
+        let err = serde_saphyr::from_str::<SinkConfig>("{type: stdout, path: x}").unwrap_err();
+        assert!(err.to_string().contains("path"), "{err}");
+        let err = serde_saphyr::from_str::<SinkConfig>("{type: carrier}").unwrap_err();
+        assert!(err.to_string().contains("carrier"), "{err}");
+    }
+
+    #[test]
+    fn only_unreachable_is_unreachable() {
+        let e = SinkError::unreachable("h:1", std::io::Error::other("refused"));
+        assert!(e.is_unreachable());
+        assert_eq!(e.to_string(), "cannot connect to h:1: refused");
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(!SinkError::other("x").is_unreachable());
+        let e = SinkError::Refused {
+            peer: "u".into(),
+            status: 503,
+            detail: "busy".into(),
+        };
+        assert_eq!(
+            (e.status(), e.to_string().as_str()),
+            (Some(503), "u answered 503: busy")
+        );
     }
 }

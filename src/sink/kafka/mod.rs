@@ -9,31 +9,31 @@
 //! for good; anything else (brokers down, timeouts, a topic that does not exist, leader
 //! elections, ...) fails the whole batch, which the delivery layer retries: at least once.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+mod config;
+mod context;
+mod topic;
+
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use log::{debug, error, info, warn};
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use log::{error, warn};
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
-use super::{Batch, LogSink, Rejection, SinkError};
-use crate::config::{KafkaSinkConfig, Problem};
-use crate::record::Record;
+pub use config::{Acks, Compression, KafkaSinkConfig};
 
-/// The values `acks` may take.
-const ACKS: &[&str] = &["all", "-1", "0", "1"];
-/// The values `compression` may take.
-const COMPRESSIONS: &[&str] = &["none", "gzip", "snappy", "lz4", "zstd"];
-/// Kafka's limit on the length of a topic name.
-const MAX_TOPIC_LEN: usize = 249;
-/// librdkafka's limit on `linger.ms`.
-const MAX_LINGER: Duration = Duration::from_secs(900);
+use self::config::client_config;
+use self::context::{BrokerWatch, SinkContext};
+use super::{Batch, LogSink, Rejection, SinkError};
+use crate::config::Problem;
+use crate::record::Record;
+use crate::sync::lock;
+use crate::template::Template;
+
 /// How much longer than `timeout` a batch may wait for its delivery reports (librdkafka reports
 /// every message within `message.timeout.ms`; this only guards against a report that never comes).
 const REPORT_SLACK: Duration = Duration::from_secs(5);
@@ -42,259 +42,15 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest `close()` waits for the producer to flush.
 const MAX_CLOSE_FLUSH: Duration = Duration::from_secs(10);
 
-/// One piece of a topic template.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Part {
-    Text(String),
-    Database,
-    Table,
-}
-
-/// A parsed topic template: `{database}` and `{table}` between literal text.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct TopicTemplate(Vec<Part>);
-
-impl TopicTemplate {
-    /// Parses `template`; an unknown or unclosed placeholder is an error.
-    fn parse(template: &str) -> Result<TopicTemplate, String> {
-        let mut parts = Vec::new();
-        let mut text = String::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            text.push_str(&rest[..open]);
-            let after = &rest[open + 1..];
-            let Some(close) = after.find('}') else {
-                return Err("has a '{' without its '}'".into());
-            };
-            let part = match &after[..close] {
-                "database" => Part::Database,
-                "table" => Part::Table,
-                other => {
-                    return Err(format!(
-                        "has an unknown placeholder {{{other}}}: only {{database}} and {{table}}"
-                    ))
-                }
-            };
-            if !text.is_empty() {
-                parts.push(Part::Text(std::mem::take(&mut text)));
-            }
-            parts.push(part);
-            rest = &after[close + 1..];
-        }
-        text.push_str(rest);
-        if text.contains('}') {
-            return Err("has a '}' without its '{'".into());
-        }
-        if !text.is_empty() {
-            parts.push(Part::Text(text));
-        }
-        Ok(TopicTemplate(parts))
-    }
-
-    /// The topic of a record of `database`.`table`.
-    fn render(&self, database: &str, table: &str) -> String {
-        let mut out = String::with_capacity(64);
-        for part in &self.0 {
-            out.push_str(match part {
-                Part::Text(t) => t,
-                Part::Database => database,
-                Part::Table => table,
-            });
-        }
-        out
-    }
-
-    /// The template's literal text, placeholders left out.
-    fn literal_len(&self) -> usize {
-        self.0
-            .iter()
-            .map(|p| match p {
-                Part::Text(t) => t.len(),
-                _ => 0,
-            })
-            .sum()
-    }
-}
-
-/// Why a topic name is not one Kafka accepts, if it is not.
-fn topic_name_problem(topic: &str) -> Option<String> {
-    if topic.is_empty() {
-        return Some("the topic name is empty".into());
-    }
-    if topic == "." || topic == ".." {
-        return Some(format!("the topic name {topic:?} is not allowed"));
-    }
-    if topic.len() > MAX_TOPIC_LEN {
-        return Some(format!(
-            "the topic name {topic:?} is longer than Kafka's {MAX_TOPIC_LEN} characters"
-        ));
-    }
-    if !topic
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Some(format!(
-            "the topic name {topic:?} may hold only ASCII letters, digits, '.', '_' and '-'"
-        ));
-    }
-    None
-}
-
-/// Whether this librdkafka build has the compression codec `name` (`builtin.features`).
-fn codec_supported(name: &str) -> bool {
-    if matches!(name, "none" | "gzip") {
-        // zlib is always in (rdkafka's `libz` feature); `none` needs nothing.
-        return true;
-    }
-    ClientConfig::new()
-        .create_native_config()
-        .and_then(|c| c.get("builtin.features"))
-        .map(|features| features.split(',').any(|f| f.trim() == name))
-        .unwrap_or(false)
-}
-
-/// `duration` in milliseconds as librdkafka reads a float property (`5`, `0.5`).
-fn millis_f64(d: Duration) -> String {
-    format!("{}", d.as_secs_f64() * 1000.0)
-}
-
-/// The producer's configuration: our settings first, then `properties`, which win.
-fn client_config(cfg: &KafkaSinkConfig, with_properties: bool) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", cfg.brokers.join(","))
-        .set("client.id", &cfg.client_id)
-        .set("acks", &cfg.acks)
-        .set("compression.type", &cfg.compression)
-        .set("linger.ms", millis_f64(cfg.linger.0))
-        .set(
-            "message.timeout.ms",
-            cfg.timeout
-                .0
-                .as_millis()
-                .clamp(1, i32::MAX as u128)
-                .to_string(),
-        );
-    if matches!(cfg.acks.as_str(), "all" | "-1") {
-        c.set("enable.idempotence", "true");
-    }
-    c.set_log_level(RDKafkaLogLevel::Info);
-    if with_properties {
-        for (k, v) in &cfg.properties {
-            c.set(k, v);
-        }
-    }
-    c
-}
-
-/// Routes librdkafka's logs and errors to the `log` crate, naming the sink. While brokers are
-/// down librdkafka reports the same few errors many times a second: each kind is logged at most
-/// once per [`QUIET_PERIOD`], with the count of those left out.
-struct SinkContext {
-    name: String,
-    last_logged: Mutex<HashMap<String, (std::time::Instant, u64)>>,
-}
-
-/// How often one kind of librdkafka message (a facility, an error code) is logged at most.
-const QUIET_PERIOD: Duration = Duration::from_secs(30);
-
-impl SinkContext {
-    fn new(name: &str) -> SinkContext {
-        SinkContext {
-            name: name.to_string(),
-            last_logged: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// `Some(n)` when a message of `kind` may be logged now, `n` of its kind having been left
-    /// out since the last one; `None` to leave it out.
-    fn admit(&self, kind: &str) -> Option<u64> {
-        self.admit_at(kind, std::time::Instant::now())
-    }
-
-    fn admit_at(&self, kind: &str, now: std::time::Instant) -> Option<u64> {
-        let mut last = self
-            .last_logged
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match last.get_mut(kind) {
-            Some((at, skipped)) if now.duration_since(*at) < QUIET_PERIOD => {
-                *skipped += 1;
-                None
-            }
-            Some((at, skipped)) => {
-                *at = now;
-                Some(std::mem::take(skipped))
-            }
-            None => {
-                last.insert(kind.to_string(), (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
-/// `" (N similar messages left out)"`, or nothing.
-fn left_out(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" ({n} similar messages left out)")
-    }
-}
-
-impl ClientContext for SinkContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        let Some(skipped) = self.admit(&format!("log {fac}")) else {
-            return;
-        };
-        let (name, more) = (&self.name, left_out(skipped));
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                error!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
-            }
-            RDKafkaLogLevel::Warning => {
-                warn!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                info!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
-            }
-            RDKafkaLogLevel::Debug => {
-                debug!(target: "librdkafka", "sink {name}: {fac} {message}{more}")
-            }
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        let kind = match error.rdkafka_error_code() {
-            Some(code) => format!("error {code:?}"),
-            None => format!("error {error}"),
-        };
-        let Some(skipped) = self.admit(&kind) else {
-            return;
-        };
-        // Brokers down, connections refused, ...: librdkafka reconnects by itself, and a batch
-        // that cannot be delivered fails and is retried; so a warning, not an error.
-        warn!(
-            target: "librdkafka",
-            "sink {}: kafka: {error}: {reason}{}",
-            self.name,
-            left_out(skipped)
-        );
-    }
-}
-
 type Kafka = FutureProducer<SinkContext>;
 
 /// Produces records to Kafka.
 pub struct KafkaSink {
     name: String,
-    topic: TopicTemplate,
+    topic: Template,
     config: ClientConfig,
     timeout: Duration,
-    producer: Mutex<Kafka>,
+    producer: Mutex<Producing>,
 }
 
 /// What became of one message.
@@ -343,91 +99,14 @@ fn unknown_topic(code: RDKafkaErrorCode) -> bool {
 }
 
 impl KafkaSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &KafkaSinkConfig, field: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut problem =
-            |f: &str, m: String| problems.push(Problem::new(format!("{field}.{f}"), m));
-        if cfg.brokers.is_empty() {
-            problem("brokers", "must not be empty".into());
-        }
-        for (i, broker) in cfg.brokers.iter().enumerate() {
-            let port_ok = broker
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !port_ok || broker.contains(|c: char| c.is_whitespace() || c == ',') {
-                problem(&format!("brokers[{i}]"), "must be host:port".into());
-            }
-        }
-        match TopicTemplate::parse(&cfg.topic) {
-            Err(e) => problem("topic", e),
-            Ok(t) if t.0.is_empty() => problem("topic", "must not be empty".into()),
-            Ok(t) => {
-                // Database and table names are letters, digits and '_': check the rest.
-                if let Some(p) = topic_name_problem(&t.render("d", "t")) {
-                    problem("topic", p);
-                } else if t.literal_len() >= MAX_TOPIC_LEN {
-                    problem(
-                        "topic",
-                        format!("is longer than Kafka's {MAX_TOPIC_LEN} characters"),
-                    );
-                }
-            }
-        }
-        if !ACKS.contains(&cfg.acks.as_str()) {
-            problem("acks", "must be all, -1, 0 or 1".into());
-        }
-        if !COMPRESSIONS.contains(&cfg.compression.as_str()) {
-            problem(
-                "compression",
-                "must be none, gzip, snappy, lz4 or zstd".into(),
-            );
-        } else if !codec_supported(&cfg.compression) {
-            problem(
-                "compression",
-                format!(
-                    "{} is not supported by this build (librdkafka was built without it); \
-                     use lz4, snappy, gzip or none",
-                    cfg.compression
-                ),
-            );
-        }
-        if cfg.linger.0 > MAX_LINGER {
-            problem("linger", "must be at most 900s".into());
-        }
-        if cfg.timeout.0 < Duration::from_millis(1) {
-            problem("timeout", "must be at least 1ms".into());
-        } else if cfg.timeout.0 <= cfg.linger.0 {
-            problem("timeout", "must be more than linger".into());
-        }
-        if cfg.timeout.0.as_millis() > i32::MAX as u128 {
-            problem("timeout", "must be at most 24d".into());
-        }
-        // librdkafka checks each passed-through property name and value (connecting nowhere).
-        for (k, v) in &cfg.properties {
-            if let Err(e) = ClientConfig::new().set(k, v).create_native_config() {
-                let message = match e {
-                    KafkaError::ClientConfig(_, msg, _, _) => msg,
-                    other => other.to_string(),
-                };
-                problems.push(Problem::new(format!("{field}.properties.{k}"), message));
-            }
-        }
-        if problems.is_empty() {
-            // And our settings with them (nothing above should let this fail).
-            if let Err(e) = client_config(cfg, true).create_native_config() {
-                problems.push(Problem::new(field.to_string(), e.to_string()));
-            }
-        }
-        problems
-    }
-
     /// Opens the sink `name` (a validated configuration). Connects lazily: brokers that are
     /// down now are no reason to fail.
-    pub fn open(name: &str, cfg: &KafkaSinkConfig) -> Result<KafkaSink, String> {
-        let topic = TopicTemplate::parse(&cfg.topic).map_err(|e| format!("topic {e}"))?;
+    pub fn open(name: &str, cfg: &KafkaSinkConfig) -> Result<KafkaSink, Problem> {
+        let field = format!("sinks.{name}");
+        let topic =
+            topic::parse(&cfg.topic).map_err(|e| Problem::new(format!("{field}.topic"), e))?;
         let config = client_config(cfg, true);
-        let producer = create_producer(name, &config)?;
+        let producer = create_producer(name, &config).map_err(|e| open_problem(&field, e))?;
         Ok(KafkaSink {
             name: name.to_string(),
             topic,
@@ -437,11 +116,8 @@ impl KafkaSink {
         })
     }
 
-    fn producer(&self) -> Kafka {
-        self.producer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    fn producer(&self) -> Producing {
+        lock(&self.producer).clone()
     }
 
     /// Puts `record` on the producer's queue, waiting while the queue is full.
@@ -528,21 +204,29 @@ impl KafkaSink {
         }
     }
 
-    /// After a failure: a producer in a fatal state (idempotence broken) is replaced.
-    fn recover(&self, producer: &Kafka) {
-        let Some((code, reason)) = producer.client().fatal_error() else {
+    /// After a failure: a producer in a fatal state (idempotence broken) is replaced, and so is
+    /// one whose messages time out while a broker is reachable. The latter is a broker that came
+    /// back without its data (a rebuilt cluster, tansu with memory storage): the idempotent
+    /// producer keeps its producer id and sequence numbers, which the new broker does not know,
+    /// and librdkafka would retry them for ever. A fresh producer asks for a new id.
+    fn recover(&self, producing: &Producing, timed_out: bool) {
+        if let Some((code, reason)) = producing.producer.client().fatal_error() {
+            error!(
+                "sink {}: the Kafka producer hit a fatal error ({code:?}: {reason}); starting a new one",
+                self.name
+            );
+        } else if timed_out && producing.brokers.peer_down().is_none() {
+            warn!(
+                "sink {}: messages timed out while a Kafka broker is reachable; starting a new \
+                 producer (a broker that lost its state does not know the old one)",
+                self.name
+            );
+        } else {
             return;
-        };
-        error!(
-            "sink {}: the Kafka producer hit a fatal error ({code:?}: {reason}); starting a new one",
-            self.name
-        );
+        }
         match create_producer(&self.name, &self.config) {
             Ok(fresh) => {
-                let old = std::mem::replace(
-                    &mut *self.producer.lock().unwrap_or_else(PoisonError::into_inner),
-                    fresh,
-                );
+                let old = std::mem::replace(&mut *lock(&self.producer), fresh);
                 // Dropping a producer blocks while it purges its queues.
                 tokio::task::spawn_blocking(move || drop(old));
             }
@@ -581,10 +265,42 @@ async fn missing_topics(producer: &Kafka, topics: Vec<String>) -> Vec<String> {
     ask.await.unwrap_or_default()
 }
 
-fn create_producer(name: &str, config: &ClientConfig) -> Result<Kafka, String> {
-    config
-        .create_with_context(SinkContext::new(name))
-        .map_err(|e| format!("cannot create the Kafka producer: {e}"))
+/// A producer, and the watch on its brokers.
+#[derive(Clone)]
+struct Producing {
+    producer: Kafka,
+    brokers: BrokerWatch,
+}
+
+fn create_producer(name: &str, config: &ClientConfig) -> Result<Producing, KafkaError> {
+    let context = SinkContext::new(name);
+    let brokers = context.watch();
+    let producer = config.create_with_context(context)?;
+    Ok(Producing { producer, brokers })
+}
+
+/// A producer that cannot be created, as a problem with the field at fault: a property
+/// librdkafka refuses names that property (ours by their YAML name), anything else the sink.
+fn open_problem(field: &str, e: KafkaError) -> Problem {
+    let key = match &e {
+        KafkaError::ClientConfig(_, _, key, _) => Some(key.clone()),
+        _ => None,
+    };
+    let at = match key.as_deref() {
+        Some("bootstrap.servers") => format!("{field}.brokers"),
+        Some("client.id") => format!("{field}.client_id"),
+        Some("acks") => format!("{field}.acks"),
+        Some("compression.type") => format!("{field}.compression"),
+        Some("linger.ms") => format!("{field}.linger"),
+        Some("message.timeout.ms") => format!("{field}.timeout"),
+        Some(other) => format!("{field}.properties.{other}"),
+        None => field.to_string(),
+    };
+    let message = match e {
+        e @ KafkaError::ClientConfig(..) => config::property_message(e),
+        e => format!("cannot create the Kafka producer: {e}"),
+    };
+    Problem::new(at, message)
 }
 
 /// The outcomes of a batch so far.
@@ -635,7 +351,8 @@ impl LogSink for KafkaSink {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let producer = self.producer();
+        let producing = self.producer();
+        let producer = &producing.producer;
         let deadline = Instant::now() + self.timeout + REPORT_SLACK;
         let mut tally = Tally::default();
 
@@ -643,13 +360,13 @@ impl LogSink for KafkaSink {
         let mut pending = Vec::with_capacity(batch.len());
         for (index, record) in batch.iter().enumerate() {
             let topic = self.topic.render(&record.database, &record.table);
-            if let Some(reason) = topic_name_problem(&topic) {
+            if let Some(reason) = topic::name_problem(&topic) {
                 tally.rejections.push(Rejection { index, reason });
                 continue;
             }
             let value = record.body_json();
             match self
-                .enqueue(&producer, &topic, record, &value, deadline)
+                .enqueue(producer, &topic, record, &value, deadline)
                 .await
             {
                 Ok(future) => pending.push((index, topic, future)),
@@ -682,7 +399,7 @@ impl LogSink for KafkaSink {
                     Outcome::Refused(reason)
                 } else {
                     match self
-                        .enqueue(&producer, &topic, record, &value, deadline)
+                        .enqueue(producer, &topic, record, &value, deadline)
                         .await
                     {
                         Ok(future) => self.outcome(&topic, future, deadline).await,
@@ -703,7 +420,7 @@ impl LogSink for KafkaSink {
             // librdkafka times a message to a topic that does not exist out like one to brokers
             // that are down: ask the brokers which it is, for a clear log.
             let topics: Vec<String> = tally.timed_out_topics.iter().take(4).cloned().collect();
-            for topic in missing_topics(&producer, topics).await {
+            for topic in missing_topics(producer, topics).await {
                 tally.failure = Some(format!(
                     "topic {topic} does not exist on the Kafka brokers \
                      (create it, or let the brokers create topics)"
@@ -719,8 +436,19 @@ impl LogSink for KafkaSink {
             );
         }
         if let Some(reason) = tally.failure {
-            self.recover(&producer);
-            return Err(SinkError(reason));
+            let timed_out = !tally.timed_out_topics.is_empty() && tally.missing_topics.is_empty();
+            let down = producing.brokers.peer_down();
+            self.recover(&producing, timed_out);
+            return Err(match down {
+                Some(down) => SinkError::unreachable(
+                    self.config
+                        .get("bootstrap.servers")
+                        .unwrap_or("the Kafka brokers"),
+                    format!("{down}; {reason}"),
+                ),
+                None if timed_out => SinkError::Timeout(reason),
+                None => SinkError::other(reason),
+            });
         }
         if !tally.rejections.is_empty() {
             tally.rejections.sort_by_key(|r| r.index);
@@ -729,17 +457,24 @@ impl LogSink for KafkaSink {
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        let producer = self.producer();
+        let producer = self.producer().producer;
         let wait = self.timeout.min(MAX_CLOSE_FLUSH);
         let flushed = tokio::task::spawn_blocking(move || producer.flush(wait))
             .await
-            .map_err(|e| SinkError(format!("flushing the Kafka producer failed: {e}")))?;
+            .map_err(|e| SinkError::caused("flushing the Kafka producer failed", e))?;
         flushed.map_err(|e| {
-            SinkError(format!(
-                "{} Kafka messages not acknowledged at close: {e}",
-                self.producer().in_flight_count()
-            ))
+            SinkError::caused(
+                format!(
+                    "{} Kafka messages not acknowledged at close",
+                    self.producer().producer.in_flight_count()
+                ),
+                e,
+            )
         })
+    }
+
+    fn peer_down(&self) -> Option<String> {
+        lock(&self.producer).brokers.peer_down()
     }
 }
 
@@ -754,19 +489,10 @@ mod tests {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     use rdkafka::{Offset, TopicPartitionList};
 
+    use super::config::tests::config;
     use super::*;
     use crate::record::RecordBody;
-
-    fn config(yaml: &str) -> KafkaSinkConfig {
-        serde_saphyr::from_str(yaml).expect("kafka sink YAML")
-    }
-
-    fn problems(yaml: &str) -> Vec<String> {
-        KafkaSink::validate(&config(yaml), "sinks.k")
-            .iter()
-            .map(ToString::to_string)
-            .collect()
-    }
+    use crate::sink::SinkKind;
 
     fn record(table: &str, n: usize, gid: Option<&str>) -> Record {
         let mut columns = BTreeMap::new();
@@ -782,200 +508,6 @@ mod tests {
                 columns,
             },
         }
-    }
-
-    #[test]
-    fn topic_template_renders_and_rejects_unknown_placeholders() {
-        let t = TopicTemplate::parse("{database}.{table}").unwrap();
-        assert_eq!(t.render("web", "pageviews"), "web.pageviews");
-        let t = TopicTemplate::parse("td-{table}_{database}-{table}").unwrap();
-        assert_eq!(t.render("web", "pv"), "td-pv_web-pv");
-        // Replaced in one pass: a name that looks like a placeholder stays as it is.
-        let t = TopicTemplate::parse("{database}/{table}").unwrap();
-        assert_eq!(t.render("{table}", "x"), "{table}/x");
-        assert_eq!(
-            TopicTemplate::parse("events").unwrap().render("a", "b"),
-            "events"
-        );
-        assert!(TopicTemplate::parse("{db}.{table}")
-            .unwrap_err()
-            .contains("{db}"));
-        assert!(TopicTemplate::parse("{database").is_err());
-        assert!(TopicTemplate::parse("database}").is_err());
-        assert_eq!(TopicTemplate::parse("").unwrap().0, Vec::new());
-    }
-
-    #[test]
-    fn repeated_librdkafka_messages_are_logged_once_per_period() {
-        let ctx = SinkContext::new("k");
-        let t0 = std::time::Instant::now();
-        let kind = "error AllBrokersDown";
-        assert_eq!(ctx.admit_at(kind, t0), Some(0));
-        assert_eq!(ctx.admit_at(kind, t0 + Duration::from_secs(1)), None);
-        assert_eq!(ctx.admit_at(kind, t0 + Duration::from_secs(29)), None);
-        assert_eq!(
-            ctx.admit_at("log FAIL", t0 + Duration::from_secs(29)),
-            Some(0)
-        );
-        // A period later, the next one is logged with the count of those left out.
-        assert_eq!(ctx.admit_at(kind, t0 + QUIET_PERIOD), Some(2));
-        assert_eq!(ctx.admit_at(kind, t0 + QUIET_PERIOD), None);
-        assert_eq!(ctx.admit_at(kind, t0 + QUIET_PERIOD * 2), Some(1));
-        assert_eq!(left_out(0), "");
-        assert_eq!(left_out(2), " (2 similar messages left out)");
-    }
-
-    #[test]
-    fn topic_names_kafka_refuses() {
-        assert_eq!(topic_name_problem("web.pageviews"), None);
-        assert_eq!(topic_name_problem("a-b_c.D9"), None);
-        assert!(topic_name_problem("").is_some());
-        assert!(topic_name_problem("..").is_some());
-        assert!(topic_name_problem("a b").is_some());
-        assert!(topic_name_problem("a/b").is_some());
-        assert_eq!(topic_name_problem(&"x".repeat(249)), None);
-        assert!(topic_name_problem(&"x".repeat(250))
-            .unwrap()
-            .contains("249"));
-    }
-
-    #[test]
-    fn validation() {
-        assert_eq!(
-            problems("brokers: ['127.0.0.1:9092']"),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            problems(
-                "{brokers: ['k1:9092', '[::1]:9093'], topic: events, acks: '1', \
-                 compression: gzip, linger: 0ms, timeout: 5s, client_id: me, \
-                 properties: {security.protocol: plaintext, message.max.bytes: '2000000'}}"
-            ),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            problems("brokers: []"),
-            vec!["sinks.k.brokers: must not be empty"]
-        );
-        assert_eq!(
-            problems("brokers: ['kafka', 'k:x', 'k:1,k:2']"),
-            vec![
-                "sinks.k.brokers[0]: must be host:port",
-                "sinks.k.brokers[1]: must be host:port",
-                "sinks.k.brokers[2]: must be host:port",
-            ]
-        );
-        let p = problems("{brokers: ['k:1'], topic: '{db}.{table}'}");
-        assert_eq!(p.len(), 1);
-        assert!(
-            p[0].starts_with("sinks.k.topic: ") && p[0].contains("{db}"),
-            "{p:?}"
-        );
-        let p = problems("{brokers: ['k:1'], topic: 'web/{table}'}");
-        assert!(p.len() == 1 && p[0].starts_with("sinks.k.topic: "), "{p:?}");
-        assert_eq!(
-            problems("{brokers: ['k:1'], topic: ''}"),
-            vec!["sinks.k.topic: must not be empty"]
-        );
-        assert_eq!(
-            problems("{brokers: ['k:1'], acks: 'leader'}"),
-            vec!["sinks.k.acks: must be all, -1, 0 or 1"]
-        );
-        for acks in ["all", "-1", "0", "1"] {
-            assert_eq!(
-                problems(&format!("{{brokers: ['k:1'], acks: '{acks}'}}")),
-                Vec::<String>::new(),
-                "acks {acks}"
-            );
-        }
-        assert_eq!(
-            problems("{brokers: ['k:1'], compression: brotli}"),
-            vec!["sinks.k.compression: must be none, gzip, snappy, lz4 or zstd"]
-        );
-        for codec in ["none", "gzip", "snappy", "lz4"] {
-            assert_eq!(
-                problems(&format!("{{brokers: ['k:1'], compression: {codec}}}")),
-                Vec::<String>::new(),
-                "compression {codec}"
-            );
-        }
-        // zstd: accepted exactly when this librdkafka build has it.
-        let zstd = problems("{brokers: ['k:1'], compression: zstd}");
-        if codec_supported("zstd") {
-            assert_eq!(zstd, Vec::<String>::new());
-        } else {
-            assert_eq!(zstd.len(), 1, "{zstd:?}");
-            assert!(
-                zstd[0].starts_with("sinks.k.compression: zstd is not supported"),
-                "{zstd:?}"
-            );
-        }
-        assert_eq!(
-            problems("{brokers: ['k:1'], timeout: 0s}"),
-            vec!["sinks.k.timeout: must be at least 1ms"]
-        );
-        assert_eq!(
-            problems("{brokers: ['k:1'], timeout: 1s, linger: 2s}"),
-            vec!["sinks.k.timeout: must be more than linger"]
-        );
-        assert_eq!(
-            problems("{brokers: ['k:1'], linger: 901s, timeout: 1000s}"),
-            vec!["sinks.k.linger: must be at most 900s"]
-        );
-        // librdkafka checks the passed-through properties, each under its own name.
-        let p = problems(
-            "{brokers: ['k:1'], properties: {no.such.property: x, security.protocol: carrier_pigeon, \
-             linger.ms: '1'}}",
-        );
-        assert_eq!(p.len(), 2, "{p:?}");
-        assert!(
-            p[0].starts_with("sinks.k.properties.no.such.property: "),
-            "{p:?}"
-        );
-        assert!(
-            p[1].starts_with("sinks.k.properties.security.protocol: "),
-            "{p:?}"
-        );
-        // Reported together with the other problems.
-        let p = problems("{brokers: [], properties: {no.such.property: x}}");
-        assert_eq!(p.len(), 2, "{p:?}");
-        assert_eq!(p[0], "sinks.k.brokers: must not be empty");
-        assert!(
-            p[1].starts_with("sinks.k.properties.no.such.property: "),
-            "{p:?}"
-        );
-    }
-
-    #[test]
-    fn the_build_has_lz4_snappy_and_gzip() {
-        // The default codec must work; and builtin.features must be readable for the check.
-        assert!(codec_supported("lz4"));
-        assert!(codec_supported("snappy"));
-        assert!(codec_supported("gzip"));
-        assert!(!codec_supported("brotli"));
-    }
-
-    #[test]
-    fn producer_configuration() {
-        let cfg = config(
-            "{brokers: ['a:1', 'b:2'], acks: all, linger: 250us, timeout: 7s, \
-             properties: {linger.ms: '9', security.protocol: ssl}}",
-        );
-        let c = client_config(&cfg, true);
-        assert_eq!(c.get("bootstrap.servers"), Some("a:1,b:2"));
-        assert_eq!(c.get("acks"), Some("all"));
-        assert_eq!(c.get("enable.idempotence"), Some("true"));
-        assert_eq!(c.get("compression.type"), Some("lz4"));
-        assert_eq!(c.get("client.id"), Some("postback-proxy"));
-        assert_eq!(c.get("message.timeout.ms"), Some("7000"));
-        // properties come last and win.
-        assert_eq!(c.get("linger.ms"), Some("9"));
-        assert_eq!(c.get("security.protocol"), Some("ssl"));
-        assert_eq!(client_config(&cfg, false).get("linger.ms"), Some("0.25"));
-        let c = client_config(&config("{brokers: ['a:1'], acks: '1'}"), true);
-        assert_eq!(c.get("enable.idempotence"), None);
-        assert_eq!(c.get("linger.ms"), Some("5"));
-        assert_eq!(c.get("message.timeout.ms"), Some("30000"));
     }
 
     #[test]
@@ -997,7 +529,7 @@ mod tests {
     fn sink_for(bootstrap: &str, extra: &str) -> KafkaSink {
         let yaml = format!("{{brokers: ['{bootstrap}'], linger: 1ms, {extra}}}");
         let cfg = config(&yaml);
-        assert_eq!(KafkaSink::validate(&cfg, "k"), Vec::new());
+        assert_eq!(cfg.validate("k"), Vec::new());
         KafkaSink::open("k", &cfg).unwrap()
     }
 
@@ -1208,13 +740,24 @@ mod tests {
         let mock = cluster(&["web.pageviews"]);
         let bootstrap = mock.bootstrap_servers();
         let sink = sink_for(&bootstrap, "timeout: 1500ms");
+        // Connected first, so that the broker going down is seen as it happens.
+        sink.write_batch(&Batch::new(&[record("pageviews", 0, None)], String::new()))
+            .await
+            .unwrap();
+        assert_eq!(sink.peer_down(), None);
         mock.broker_down(-1).unwrap();
         let batch: Vec<_> = (0..3).map(|n| record("pageviews", n, None)).collect();
         let err = sink
             .write_batch(&Batch::new(&batch, String::new()))
             .await
             .unwrap_err();
-        assert!(err.0.contains("web.pageviews"), "{err}");
+        assert!(err.to_string().contains("web.pageviews"), "{err}");
+        // librdkafka's AllBrokersDown event: the sink knows, and the error says so.
+        let down = sink
+            .peer_down()
+            .expect("the sink knows its brokers are down");
+        assert!(down.contains("every Kafka broker is unreachable"), "{down}");
+        assert!(err.is_unreachable(), "{err}");
         mock.broker_up(-1).unwrap();
         // The caller retries: within a bounded number of tries the batch is delivered.
         let mut delivered = false;
@@ -1226,6 +769,12 @@ mod tests {
             }
         }
         assert!(delivered, "not delivered after the broker came back");
+        // The broker statistics show it up again within a few seconds.
+        let until = StdInstant::now() + Duration::from_secs(10);
+        while sink.peer_down().is_some() && StdInstant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(sink.peer_down(), None);
         let mut ns: Vec<_> = read_topic(&bootstrap, "web.pageviews", 3)
             .iter()
             .map(value_n)
@@ -1250,7 +799,7 @@ mod tests {
             .write_batch(&Batch::new(&batch, String::new()))
             .await
             .unwrap_err();
-        assert!(err.0.contains("web.missing"), "{err}");
-        assert!(err.0.contains("does not exist"), "{err}");
+        assert!(err.to_string().contains("web.missing"), "{err}");
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 }

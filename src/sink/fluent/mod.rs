@@ -31,9 +31,15 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio::time::timeout;
 
-use super::{Batch, LogSink, Rejection, SinkError};
-use crate::config::{FluentSinkConfig, Problem};
+mod config;
+
+pub use config::FluentSinkConfig;
+
+use super::{Batch, LogSink, PeerDown, Rejection, SinkError};
+use crate::config::Problem;
 use crate::record::Record;
+use crate::template::Template;
+use crate::units::check_host_port;
 
 /// The most a server may send as one ack before we give up on it.
 const MAX_ACK_BYTES: usize = 64 * 1024;
@@ -42,88 +48,16 @@ const MAX_ACK_BYTES: usize = 64 * 1024;
 pub struct FluentSink {
     name: String,
     address: String,
-    tag: String,
+    tag: Template,
     require_ack: bool,
     timeout: Duration,
     conn: Mutex<Option<TcpStream>>,
-}
-
-/// `host:port` with a non-empty host and a port from 1 to 65535 (IPv6 in brackets).
-fn check_address(address: &str) -> Result<(), &'static str> {
-    const SHAPE: &str = "must be host:port, e.g. 127.0.0.1:24224 (IPv6 in brackets)";
-    let Some((host, port)) = address.rsplit_once(':') else {
-        return Err(SHAPE);
-    };
-    let host_ok = if let Some(inner) = host.strip_prefix('[') {
-        inner
-            .strip_suffix(']')
-            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
-    } else {
-        !host.is_empty() && !host.contains([':', '/', ' ', '[', ']'])
-    };
-    if !host_ok {
-        return Err(SHAPE);
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(()),
-        _ => Err(SHAPE),
-    }
-}
-
-/// Checks a tag template: not empty, no spaces, and `{database}` / `{table}` as its only
-/// placeholders.
-fn check_tag(tag: &str) -> Result<(), String> {
-    if tag.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if tag.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("must not contain spaces or control characters".into());
-    }
-    let mut rest = tag;
-    while let Some(open) = rest.find(['{', '}']) {
-        if rest[open..].starts_with('}') {
-            return Err(format!("unbalanced `}}` in `{tag}`"));
-        }
-        let Some(close) = rest[open..].find('}') else {
-            return Err(format!("unbalanced `{{` in `{tag}`"));
-        };
-        let name = &rest[open + 1..open + close];
-        if name != "database" && name != "table" {
-            return Err(format!(
-                "unknown placeholder `{{{name}}}`: only `{{database}}` and `{{table}}`"
-            ));
-        }
-        rest = &rest[open + close + 1..];
-    }
-    Ok(())
-}
-
-/// The tag of a record: `template` with `{database}` and `{table}` replaced (in one pass, so a
-/// name is never itself expanded).
-fn render_tag(template: &str, database: &str, table: &str) -> String {
-    let mut out = String::with_capacity(template.len() + database.len() + table.len());
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open..];
-        if let Some(tail) = after.strip_prefix("{database}") {
-            out.push_str(database);
-            rest = tail;
-        } else if let Some(tail) = after.strip_prefix("{table}") {
-            out.push_str(table);
-            rest = tail;
-        } else {
-            out.push('{');
-            rest = &after[1..];
-        }
-    }
-    out.push_str(rest);
-    out
+    down: PeerDown,
 }
 
 /// The batch grouped by rendered tag: tags in order of first appearance, records in batch order
 /// within each tag.
-fn group_by_tag<'a>(template: &str, batch: &'a [Record]) -> Vec<(String, Vec<&'a Record>)> {
+fn group_by_tag<'a>(template: &Template, batch: &'a [Record]) -> Vec<(String, Vec<&'a Record>)> {
     let mut groups: Vec<(String, Vec<&Record>)> = Vec::new();
     let mut by_table: HashMap<(&str, &str), usize> = HashMap::new();
     let mut by_tag: HashMap<String, usize> = HashMap::new();
@@ -132,7 +66,7 @@ fn group_by_tag<'a>(template: &str, batch: &'a [Record]) -> Vec<(String, Vec<&'a
         let index = match by_table.get(&key) {
             Some(&i) => i,
             None => {
-                let tag = render_tag(template, key.0, key.1);
+                let tag = template.render(key.0, key.1);
                 let i = *by_tag.entry(tag.clone()).or_insert_with(|| {
                     groups.push((tag, Vec::new()));
                     groups.len() - 1
@@ -204,42 +138,38 @@ fn still_open(stream: &TcpStream) -> bool {
 }
 
 impl FluentSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &FluentSinkConfig, field: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if let Err(e) = check_address(&cfg.address) {
-            problems.push(Problem::new(format!("{field}.address"), e));
-        }
-        if let Err(e) = check_tag(&cfg.tag) {
-            problems.push(Problem::new(format!("{field}.tag"), e));
-        }
-        if cfg.timeout.0.is_zero() {
-            problems.push(Problem::new(
-                format!("{field}.timeout"),
-                "must be more than 0",
-            ));
-        }
-        problems
-    }
-
     /// Opens the sink `name` (a validated configuration). Does not connect: the first batch does.
-    pub fn open(name: &str, cfg: &FluentSinkConfig) -> Result<FluentSink, String> {
-        check_address(&cfg.address).map_err(|e| format!("`{}` {e}", cfg.address))?;
+    pub fn open(name: &str, cfg: &FluentSinkConfig) -> Result<FluentSink, Problem> {
+        check_host_port(&cfg.address).map_err(|e| {
+            Problem::new(
+                format!("sinks.{name}.address"),
+                format!("`{}` {e}", cfg.address),
+            )
+        })?;
+        let tag = config::parse_tag(&cfg.tag)
+            .map_err(|e| Problem::new(format!("sinks.{name}.tag"), e))?;
         Ok(FluentSink {
             name: name.to_owned(),
             address: cfg.address.clone(),
-            tag: cfg.tag.clone(),
+            tag,
             require_ack: cfg.require_ack,
             timeout: cfg.timeout.0,
             conn: Mutex::new(None),
+            down: PeerDown::default(),
         })
     }
 
-    async fn connect(&self) -> Result<TcpStream, String> {
-        let stream = timeout(self.timeout, TcpStream::connect(&self.address))
+    async fn connect(&self) -> Result<TcpStream, SinkError> {
+        let connected = timeout(self.timeout, TcpStream::connect(&self.address))
             .await
-            .map_err(|_| format!("connecting to {} timed out", self.address))?
-            .map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
+            .map_err(|_| {
+                SinkError::unreachable(
+                    &self.address,
+                    format!("connecting timed out after {:?}", self.timeout),
+                )
+            })
+            .and_then(|r| r.map_err(|e| SinkError::unreachable(&self.address, e)));
+        let stream = self.down.track(connected)?;
         // Messages are written whole; do not let Nagle hold back their tails.
         let _ = stream.set_nodelay(true);
         info!("sink {}: connected to {}", self.name, self.address);
@@ -252,28 +182,30 @@ impl FluentSink {
         stream: &mut TcpStream,
         message: &[u8],
         chunk: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SinkError> {
         timeout(self.timeout, stream.write_all(message))
             .await
-            .map_err(|_| format!("writing to {} timed out", self.address))?
-            .map_err(|e| format!("writing to {} failed: {e}", self.address))?;
+            .map_err(|_| SinkError::Timeout(format!("writing to {} timed out", self.address)))?
+            .map_err(|e| SinkError::io(format!("writing to {} failed", self.address), e))?;
         let Some(chunk) = chunk else {
             return Ok(());
         };
         let ack = timeout(self.timeout, read_ack(stream))
             .await
             .map_err(|_| {
-                format!(
+                SinkError::Timeout(format!(
                     "{} did not acknowledge chunk {chunk} within {:?}",
                     self.address, self.timeout
-                )
+                ))
             })?
-            .map_err(|e| format!("waiting for the ack from {}: {e}", self.address))?;
+            .map_err(|e| {
+                SinkError::other(format!("waiting for the ack from {}: {e}", self.address))
+            })?;
         if ack != chunk {
-            return Err(format!(
+            return Err(SinkError::other(format!(
                 "{} acknowledged chunk {ack:?}, expected {chunk}",
                 self.address
-            ));
+            )));
         }
         Ok(())
     }
@@ -317,7 +249,7 @@ impl LogSink for FluentSink {
         }
         let stream = match conn.as_mut() {
             Some(stream) => stream,
-            None => conn.insert(self.connect().await.map_err(SinkError)?),
+            None => conn.insert(self.connect().await?),
         };
         for (tag, records) in group_by_tag(&self.tag, batch) {
             let chunk = self.require_ack.then(new_chunk_id);
@@ -325,7 +257,7 @@ impl LogSink for FluentSink {
             if let Err(e) = self.send(stream, &message, chunk.as_deref()).await {
                 // The stream may be mid-message or hold a late ack: never reuse it.
                 *conn = None;
-                return Err(SinkError(e));
+                return Err(e);
             }
         }
         Ok(Vec::new())
@@ -337,28 +269,19 @@ impl LogSink for FluentSink {
         }
         Ok(())
     }
+
+    fn peer_down(&self) -> Option<String> {
+        self.down.get()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::RecordBody;
+    use crate::sink::test_support::test_record as record;
+    use crate::sink::SinkKind;
     use crate::units::HumanDuration;
     use tokio::net::TcpListener;
-
-    fn record(database: &str, table: &str, time: i64, columns: &[(&str, &str)]) -> Record {
-        Record {
-            database: database.into(),
-            table: table.into(),
-            body: RecordBody {
-                time,
-                columns: columns
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            },
-        }
-    }
 
     fn config(address: &str) -> FluentSinkConfig {
         FluentSinkConfig {
@@ -401,18 +324,25 @@ mod tests {
         }
     }
 
+    fn tag(template: &str) -> Template {
+        config::parse_tag(template).unwrap()
+    }
+
     #[test]
     fn tags_are_rendered_in_one_pass() {
         assert_eq!(
-            render_tag("td.{database}.{table}", "web", "pageviews"),
+            tag("td.{database}.{table}").render("web", "pageviews"),
             "td.web.pageviews"
         );
-        assert_eq!(render_tag("fixed", "web", "pv"), "fixed");
-        assert_eq!(render_tag("{table}-{table}", "d", "t"), "t-t");
-        assert_eq!(render_tag("{x}.{table}", "d", "t"), "{x}.t");
+        assert_eq!(tag("fixed").render("web", "pv"), "fixed");
+        assert_eq!(tag("{table}-{table}").render("d", "t"), "t-t");
+        // An unknown placeholder is refused when the configuration is checked.
+        assert!(config::parse_tag("{x}.{table}")
+            .unwrap_err()
+            .contains("{x}"));
         // A name that looks like a placeholder is not expanded again.
         assert_eq!(
-            render_tag("{database}.{table}", "{table}", "t"),
+            tag("{database}.{table}").render("{table}", "t"),
             "{table}.t"
         );
     }
@@ -420,9 +350,9 @@ mod tests {
     #[test]
     fn config_checks_name_the_field() {
         let ok = config("127.0.0.1:24224");
-        assert!(FluentSink::validate(&ok, "sinks.f").is_empty());
+        assert!(ok.validate("sinks.f").is_empty());
         for good in ["fluentd:24224", "[::1]:24224", "localhost:1"] {
-            assert!(check_address(good).is_ok(), "{good}");
+            assert!(check_host_port(good).is_ok(), "{good}");
         }
         for bad in [
             "",
@@ -436,7 +366,7 @@ mod tests {
             "[nothost]:1",
             "tcp://h:1",
         ] {
-            let p = FluentSink::validate(&config(bad), "sinks.f");
+            let p = config(bad).validate("sinks.f");
             assert_eq!(p.len(), 1, "{bad}: {p:?}");
             assert_eq!(p[0].field, "sinks.f.address");
             assert!(FluentSink::open("f", &config(bad)).is_err(), "{bad}");
@@ -444,13 +374,13 @@ mod tests {
         let mut c = config("127.0.0.1:24224");
         for bad in ["", "td {table}", "td.{db}", "td.{table", "td.}x"] {
             c.tag = bad.into();
-            let p = FluentSink::validate(&c, "sinks.f");
+            let p = c.validate("sinks.f");
             assert_eq!(p.len(), 1, "{bad}: {p:?}");
             assert_eq!(p[0].field, "sinks.f.tag");
         }
         c.tag = "app.{table}".into();
         c.timeout = HumanDuration::secs(0);
-        let p = FluentSink::validate(&c, "sinks.f");
+        let p = c.validate("sinks.f");
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].field, "sinks.f.timeout");
     }
@@ -464,13 +394,17 @@ mod tests {
             record("ads", "pv", 4, &[("n", "4")]),
             record("web", "click", 5, &[("n", "5")]),
         ];
-        let groups = group_by_tag("td.{database}.{table}", &batch);
-        let shape: Vec<(&str, Vec<i64>)> = groups
-            .iter()
-            .map(|(t, rs)| (t.as_str(), rs.iter().map(|r| r.body.time).collect()))
-            .collect();
+        // The tags and each tag's record times.
+        fn shape<'a>(groups: &'a [(String, Vec<&Record>)]) -> Vec<(&'a str, Vec<i64>)> {
+            let times = |rs: &[&Record]| rs.iter().map(|r| r.body.time).collect();
+            groups
+                .iter()
+                .map(|(t, rs)| (t.as_str(), times(rs)))
+                .collect()
+        }
+        let groups = group_by_tag(&tag("td.{database}.{table}"), &batch);
         assert_eq!(
-            shape,
+            shape(&groups),
             vec![
                 ("td.web.pv", vec![1, 3]),
                 ("td.web.click", vec![2, 5]),
@@ -478,16 +412,12 @@ mod tests {
             ]
         );
         // Different tables rendering the same tag share one message.
-        let groups = group_by_tag("app.{table}", &batch);
-        let shape: Vec<(&str, Vec<i64>)> = groups
-            .iter()
-            .map(|(t, rs)| (t.as_str(), rs.iter().map(|r| r.body.time).collect()))
-            .collect();
+        let groups = group_by_tag(&tag("app.{table}"), &batch);
         assert_eq!(
-            shape,
+            shape(&groups),
             vec![("app.pv", vec![1, 3, 4]), ("app.click", vec![2, 5])]
         );
-        assert!(group_by_tag("x", &[]).is_empty());
+        assert!(group_by_tag(&tag("x"), &[]).is_empty());
     }
 
     #[test]
@@ -640,6 +570,7 @@ mod tests {
                 vec![],
                 "the second batch goes over the same connection"
             );
+            assert_eq!(sink.peer_down(), None);
             sink.close().await.unwrap();
             task.await.unwrap();
             let mut tags = Vec::new();
@@ -695,12 +626,12 @@ mod tests {
                 .write_batch(&Batch::new(&batch, String::new()))
                 .await
                 .unwrap_err();
-            assert!(e.0.contains("not-the-chunk"), "{e}");
+            assert!(e.to_string().contains("not-the-chunk"), "{e}");
             let e = sink
                 .write_batch(&Batch::new(&batch, String::new()))
                 .await
                 .unwrap_err();
-            assert!(e.0.contains("closed"), "{e}");
+            assert!(e.to_string().contains("closed"), "{e}");
             sink.write_batch(&Batch::new(&batch, String::new()))
                 .await
                 .unwrap();
@@ -725,7 +656,7 @@ mod tests {
                 .write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
                 .await
                 .unwrap_err();
-            assert!(e.0.contains("did not acknowledge"), "{e}");
+            assert!(e.to_string().contains("did not acknowledge"), "{e}");
             // The connection was dropped: the server sees its end.
             task.await.unwrap();
         })
@@ -792,7 +723,14 @@ mod tests {
             bounded(sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new())))
                 .await
                 .unwrap_err();
-        assert!(e.0.contains("cannot connect"), "{e}");
+        assert!(e.to_string().contains("cannot connect"), "{e}");
+        // A connect failure is the peer unreachable: the lane marks the sink down.
+        assert!(e.is_unreachable(), "{e}");
+        assert!(
+            sink.peer_down().is_some_and(|d| d.contains(&address)),
+            "{:?}",
+            sink.peer_down()
+        );
         assert_eq!(
             bounded(sink.write_batch(&Batch::new(&[], String::new())))
                 .await

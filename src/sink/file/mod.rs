@@ -13,9 +13,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
+mod config;
+
+pub use config::{FileSinkConfig, RotateConfig};
+
 use super::{Batch, LogSink, Rejection, SinkError};
-use crate::config::{FileSinkConfig, Problem};
 use crate::record::Record;
+use crate::sync::lock;
 
 struct Current {
     file: File,
@@ -32,27 +36,6 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Checks the configuration; problems are reported under `field`.
-    pub fn validate(cfg: &FileSinkConfig, field: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        if cfg.path.file_name().is_none() {
-            problems.push(Problem::new(format!("{field}.path"), "must name a file"));
-        }
-        if cfg.rotate.max_bytes.0 == 0 {
-            problems.push(Problem::new(
-                format!("{field}.rotate.max_bytes"),
-                "must be more than 0",
-            ));
-        }
-        if cfg.rotate.interval.is_some_and(|i| i.0.is_zero()) {
-            problems.push(Problem::new(
-                format!("{field}.rotate.interval"),
-                "must be more than 0",
-            ));
-        }
-        problems
-    }
-
     /// Opens (creating the directory and file if needed) the file for appending.
     pub fn open(cfg: &FileSinkConfig) -> std::io::Result<FileSink> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -88,7 +71,7 @@ impl FileSink {
     }
 
     fn write_lines(&self, batch: &[Record]) -> std::io::Result<()> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = lock(&self.current);
         if self
             .interval
             .is_some_and(|i| current.written > 0 && current.opened.elapsed() >= i)
@@ -157,33 +140,39 @@ fn rotated_name(path: &Path) -> PathBuf {
 impl LogSink for FileSink {
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         self.write_lines(batch)
-            .map_err(|e| SinkError(format!("cannot write {}: {e}", self.path.display())))?;
+            .map_err(|e| SinkError::io(format!("cannot write {}", self.path.display()), e))?;
         Ok(Vec::new())
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let current = lock(&self.current);
         current
             .file
             .sync_all()
-            .map_err(|e| SinkError(format!("cannot sync {}: {e}", self.path.display())))
+            .map_err(|e| SinkError::io(format!("cannot sync {}", self.path.display()), e))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RotateConfig;
-    use crate::record::RecordBody;
+    use crate::sink::test_support::test_record;
     use crate::units::{ByteSize, HumanDuration};
 
     fn record(i: usize) -> Record {
-        Record {
-            database: "web".into(),
-            table: "t".into(),
-            body: RecordBody {
-                time: 1,
-                columns: [("i".to_string(), format!("{i:04}"))].into_iter().collect(),
+        test_record("web", "t", 1, &[("i", &format!("{i:04}"))])
+    }
+
+    fn config(
+        path: PathBuf,
+        max_bytes: ByteSize,
+        interval: Option<HumanDuration>,
+    ) -> FileSinkConfig {
+        FileSinkConfig {
+            path,
+            rotate: RotateConfig {
+                max_bytes,
+                interval,
             },
         }
     }
@@ -204,13 +193,7 @@ mod tests {
     #[tokio::test]
     async fn appends_and_rotates_by_size_without_splitting_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = FileSinkConfig {
-            path: dir.path().join("out/events.jsonl"),
-            rotate: RotateConfig {
-                max_bytes: ByteSize(200),
-                interval: None,
-            },
-        };
+        let cfg = config(dir.path().join("out/events.jsonl"), ByteSize(200), None);
         let sink = FileSink::open(&cfg).unwrap();
         let batch: Vec<Record> = (0..10).map(record).collect();
         sink.write_batch(&Batch::new(&batch[..7], String::new()))
@@ -243,13 +226,11 @@ mod tests {
     #[tokio::test]
     async fn rotates_by_age() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = FileSinkConfig {
-            path: dir.path().join("events.jsonl"),
-            rotate: RotateConfig {
-                max_bytes: ByteSize::mib(1),
-                interval: Some(HumanDuration::millis(1)),
-            },
-        };
+        let cfg = config(
+            dir.path().join("events.jsonl"),
+            ByteSize::mib(1),
+            Some(HumanDuration::millis(1)),
+        );
         let sink = FileSink::open(&cfg).unwrap();
         sink.write_batch(&Batch::new(&[record(1)], String::new()))
             .await

@@ -1,0 +1,78 @@
+//! `type: file`: its configuration and the checks on it.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::FileSink;
+use crate::config::Problem;
+use crate::sink::{more_than_zero, LogSink, SinkKind};
+use crate::units::{ByteSize, HumanDuration};
+
+/// `type: file`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    #[serde(default = "default_file_path")]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub rotate: RotateConfig,
+}
+
+pub(crate) fn default_file_path() -> PathBuf {
+    "data/events.jsonl".into()
+}
+
+/// When the file sink starts a new file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotateConfig {
+    pub max_bytes: ByteSize,
+    /// Rotate files older than this; none: by size only.
+    pub interval: Option<HumanDuration>,
+}
+
+impl Default for RotateConfig {
+    fn default() -> Self {
+        RotateConfig {
+            max_bytes: ByteSize::mib(256),
+            interval: Some(HumanDuration::secs(3600)),
+        }
+    }
+}
+
+impl Default for FileSinkConfig {
+    fn default() -> Self {
+        FileSinkConfig {
+            path: default_file_path(),
+            rotate: RotateConfig::default(),
+        }
+    }
+}
+
+impl SinkKind for FileSinkConfig {
+    fn validate(&self, field: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if self.path.file_name().is_none() {
+            problems.push(Problem::new(format!("{field}.path"), "must name a file"));
+        }
+        problems.extend(more_than_zero(
+            field,
+            "rotate.max_bytes",
+            self.rotate.max_bytes.0 == 0,
+        ));
+        let interval = self.rotate.interval;
+        problems.extend(more_than_zero(
+            field,
+            "rotate.interval",
+            interval.is_some_and(|i| i.0.is_zero()),
+        ));
+        problems
+    }
+
+    fn open(&self, _name: &str, field: &str) -> Result<Box<dyn LogSink>, Problem> {
+        let sink = FileSink::open(self)
+            .map_err(|e| Problem::new(format!("{field}.path"), e.to_string()))?;
+        Ok(Box::new(sink))
+    }
+}
