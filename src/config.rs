@@ -118,6 +118,9 @@ pub struct Config {
     /// `delivery:`: the buffer, batches and retries.
     #[serde(default)]
     pub delivery: crate::delivery::DeliveryConfig,
+    /// `identity:`: cookie extension on proxied pages and td-js-sdk's server cookie endpoint.
+    #[serde(default)]
+    pub identity: crate::identity::config::IdentityConfig,
 }
 
 /// `server:`: the subset of Pingora's own server settings we pass through.
@@ -207,7 +210,6 @@ pub struct AdminConfig {
 fn default_recent_records() -> usize {
     crate::http::builder::DEFAULT_RECENT_RECORDS
 }
-
 
 #[cfg(test)]
 use crate::delivery::{FsyncPolicy, WhenFull};

@@ -76,6 +76,10 @@
 //! - `delivery/`: one lane per sink: a buffer (the crash-safe disk log by default, or memory),
 //!   batching, retries with backoff, `rejected.jsonl`. Only when delivery accepted the records does
 //!   the client get its answer.
+//! - `identity/`: first-party identity on the site's own responses, knowing nothing of Pingora:
+//!   re-issuing visitor-id cookies on proxied HTML pages ([`Postbacks::extend_cookies`], from a
+//!   `response_filter`) and td-js-sdk's server cookie endpoint (`/get_cookie_id`, answered by
+//!   [`Postbacks::handle`]).
 //! - `sink/`: the [`LogSink`] trait and one folder per built-in sink; the proxy never sees a
 //!   sink's details, and sinks never see HTTP.
 //! - Shared leaves: [`Record`], `metrics` (Prometheus), `template` (`{database}`/`{table}`),
@@ -95,6 +99,8 @@ pub mod config;
 pub mod delivery;
 #[doc(hidden)]
 pub mod http;
+#[doc(hidden)]
+pub mod identity;
 mod metrics;
 #[doc(hidden)]
 pub mod postback;

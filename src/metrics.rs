@@ -41,6 +41,28 @@ pub static FILTERED: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// `identity_cookies_extended_total{cookie}`: cookies re-issued on proxied pages
+/// (`identity.extend_cookies`), by cookie name.
+pub static COOKIES_EXTENDED: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "identity_cookies_extended_total",
+        "Visitor-id cookies re-issued as server-set cookies on proxied pages, by cookie",
+        &["cookie"]
+    )
+    .expect("metric registers once")
+});
+
+/// `identity_server_ids_total{result}`: answers of the server cookie endpoint (`issued`, `kept`,
+/// `opted_out`, `method_not_allowed`).
+pub static SERVER_IDS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "identity_server_ids_total",
+        "Answers of the server-side cookie endpoint (/get_cookie_id), by result",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 /// `delivery_queue_records{sink}`: records accepted and not yet delivered.
 pub static QUEUE_RECORDS: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(

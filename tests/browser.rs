@@ -6,7 +6,9 @@
 //!
 //! The test then checks the records in the file sink: the browser's real User-Agent in `td_ua`,
 //! the global-id cookie set once on the first load and sent back on the second, and the columns
-//! the SDK sends (`td_url`, `td_title`, `td_client_id`, ...).
+//! the SDK sends (`td_url`, `td_title`, `td_client_id`, ...). A second test (`identity.mjs`,
+//! `identity.html`) runs td-js-sdk with `useServerSideCookie: true` against the proxy's
+//! `/get_cookie_id` and checks that a reload gets `_td` back as a server-set cookie.
 //!
 //! Needs, besides the Rust toolchain: `node` (18 or newer), Debian's `chromium`
 //! (`apt-get install -y chromium`; `CHROMIUM=/path` to use another binary), the npm packages
@@ -46,7 +48,8 @@ struct Served {
 }
 
 /// The site behind the proxy: a real HTTP/1.1 server serving the test page at `/landing.html`
-/// and `/shop/item.html`, the SDK at `/vendor/td-js-sdk/td.min.js`, and 404 for anything else.
+/// and `/shop/item.html`, the identity page at `/identity.html`, the SDK at
+/// `/vendor/td-js-sdk/td.min.js`, and 404 for anything else.
 struct Site {
     served: Arc<Mutex<Vec<Served>>>,
     server: Server,
@@ -56,13 +59,16 @@ impl Site {
     fn start() -> Site {
         let dir = browser_dir();
         let page = std::fs::read_to_string(dir.join("page.html")).expect("read page.html");
+        let identity =
+            std::fs::read_to_string(dir.join("identity.html")).expect("read identity.html");
+        let identity = Arc::new(identity.replace("{{write_key}}", KEY));
         let sdk = std::fs::read(dir.join("node_modules/td-js-sdk/dist/td.min.js"))
             .expect("read td.min.js");
         let (page, sdk) = (Arc::new(page), Bytes::from(sdk));
         let served = Arc::new(Mutex::new(Vec::new()));
         let log = served.clone();
         let server = Server::bind("site", 0, move |req| {
-            let answer = Site::answer(&page, &sdk, &log, req);
+            let answer = Site::answer(&page, &identity, &sdk, &log, req);
             async move { Ok::<_, Infallible>(answer) }
         });
         Site { served, server }
@@ -70,6 +76,7 @@ impl Site {
 
     fn answer(
         page: &str,
+        identity: &str,
         sdk: &Bytes,
         log: &Mutex<Vec<Served>>,
         req: Request<hyper::body::Incoming>,
@@ -84,6 +91,11 @@ impl Site {
                 200,
                 "text/html; charset=utf-8",
                 Bytes::from(page.replace("{{write_key}}", KEY).replace("{{page}}", path)),
+            ),
+            "/identity.html" => (
+                200,
+                "text/html; charset=utf-8",
+                Bytes::from(identity.to_owned()),
             ),
             "/vendor/td-js-sdk/td.min.js" => (200, "application/javascript", sdk.clone()),
             _ => (404, "text/plain", Bytes::from_static(b"not found\n")),
@@ -105,6 +117,12 @@ impl Site {
 /// a write key for `web`, a file sink and a memory buffer. No CORS origins: the page, the pixel,
 /// the beacon and the SDK are all the same origin.
 fn start_proxy(site: &Site, tls: &TlsFiles) -> Proxy {
+    start_proxy_with(site, tls, "")
+}
+
+/// [`start_proxy`] with `extra` (whole YAML sections) at the end of the configuration.
+fn start_proxy_with(site: &Site, tls: &TlsFiles, extra: &str) -> Proxy {
+    let extra = extra.to_owned();
     let origin = site.server.addr;
     let (cert, key) = (
         tls.cert.display().to_string(),
@@ -142,6 +160,7 @@ sinks:
 delivery:
   buffer: memory
   batch: {{ max_wait: 10ms }}
+{extra}
 "#
             )
         },
@@ -153,7 +172,12 @@ delivery:
 /// Runs `node drive.mjs <url>` (in its own process group, killed whole on a timeout) and returns
 /// what it printed on stdout, parsed.
 fn drive(chromium: &Path, url: &str) -> Value {
-    let mut child = spawn_node(chromium, "drive.mjs", &[url], Stdio::null());
+    drive_script(chromium, "drive.mjs", url)
+}
+
+/// Runs `node SCRIPT <url>` as [`drive`] does.
+fn drive_script(chromium: &Path, script: &str, url: &str) -> Value {
+    let mut child = spawn_node(chromium, script, &[url], Stdio::null());
     let pump = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut text = String::new();
@@ -571,4 +595,128 @@ fn chromium_pixel_beacon_and_td_js_sdk_through_the_proxy() {
         assert_eq!(row["value"], "42", "numbers become their JSON text");
         assert_eq!(row["label"], "caf\u{e9} \"quoted\"", "{row:#?}");
     }
+}
+
+/// The `Max-Age` attribute of a `Set-Cookie` value.
+fn max_age(set_cookie: &str) -> Option<u64> {
+    set_cookie
+        .split("; ")
+        .find_map(|a| a.strip_prefix("Max-Age="))
+        .and_then(|v| v.parse().ok())
+}
+
+/// SPEC section 7 in a real browser: td-js-sdk with `useServerSideCookie: true` and `sscServer`
+/// set to the proxy's host gets its `_td_ssc_id` from the proxy's `/get_cookie_id`, a reload keeps
+/// it, and the page load that carries the SDK's `_td` comes back with a server-set `_td` of the
+/// same value and a two-year lifetime.
+#[test]
+fn chromium_td_js_sdk_server_cookie_and_cookie_extension() {
+    let chromium = chromium_or_fail();
+    let certs = tempfile::tempdir().unwrap();
+    let pki = TestPki::create(certs.path());
+    let site = Site::start();
+    let proxy = start_proxy_with(
+        &site,
+        &pki.server,
+        "identity:\n  extend_cookies: [{ name: _td }]\n  server_cookie: { enabled: true }\n",
+    );
+    let url = format!("https://127.0.0.1:{}/identity.html", proxy.port);
+    let run = drive_script(&chromium, "identity.mjs", &url);
+    let context = || format!("browser run: {run:#}\nproxy stderr:\n{}", proxy.stderr());
+    let loads = run["loads"].as_array().unwrap();
+    let requests = run["sscRequests"].as_array().unwrap();
+    let of_load = |n: u64| -> Vec<&Value> { requests.iter().filter(|r| r["load"] == n).collect() };
+
+    // The first load: no cookie yet, so the SDK asks the proxy, which issues an id; the forced
+    // fetch sends it back and gets the same id.
+    let first = &loads[0];
+    let id = first["state"]["ssc"].as_str().unwrap().to_owned();
+    assert!(is_uuid(&id), "fetchServerCookie gave {id:?}; {}", context());
+    assert_eq!(first["state"]["forced"], id.as_str(), "{}", context());
+    assert_eq!(
+        first["state"]["errors"],
+        serde_json::json!([]),
+        "{}",
+        context()
+    );
+    assert_eq!(
+        first["setCookies"],
+        serde_json::json!([]),
+        "no _td yet: nothing to extend"
+    );
+    let asked = of_load(1);
+    assert_eq!(asked.len(), 2, "{}", context());
+    for r in &asked {
+        assert_eq!(r["status"], 200, "{}", context());
+        assert_eq!(r["body"], format!("{{\"td_ssc_id\":\"{id}\"}}").as_str());
+        let url = r["url"].as_str().unwrap();
+        assert!(
+            url.contains("/get_cookie_id?cookie_domain=127.0.0.1&r="),
+            "{url}"
+        );
+        assert_eq!(
+            r["setCookies"],
+            serde_json::json!([format!(
+                "_td_ssc_id={id}; Max-Age=63072000; Path=/; SameSite=Lax; Secure"
+            )])
+        );
+    }
+    let sent = |r: &Value| r["cookie"].as_str().unwrap_or("").to_owned();
+    assert!(!sent(asked[0]).contains("_td_ssc_id="), "{}", context());
+    assert!(
+        sent(asked[1]).contains(&format!("_td_ssc_id={id}")),
+        "{}",
+        context()
+    );
+    let ssc = cookie(first, "_td_ssc_id");
+    assert_eq!(ssc["value"], id.as_str());
+    assert_eq!(ssc["httpOnly"], false, "td-js-sdk must read it");
+    assert_eq!(ssc["secure"], true);
+    let lifetime = ssc["expires"].as_f64().unwrap() - first["now"].as_f64().unwrap();
+    // Chromium keeps no cookie longer than 400 days (RFC 6265bis caps Max-Age there).
+    assert!((400.0 * 86400.0 - lifetime).abs() < 3600.0, "{lifetime}");
+    let client_id = cookie(first, "_td")["value"].as_str().unwrap().to_owned();
+    assert!(is_uuid(&client_id), "_td {client_id:?}");
+
+    // The reload: the SDK keeps its id (from the cookie); the forced fetch gets it back from the
+    // proxy; and the page response re-issues `_td` from the server, same value, two years.
+    let second = &loads[1];
+    assert_eq!(second["state"]["ssc"], id.as_str(), "{}", context());
+    assert_eq!(second["state"]["forced"], id.as_str(), "{}", context());
+    let asked = of_load(2);
+    assert_eq!(
+        asked.len(),
+        1,
+        "the cached id needs no request: {}",
+        context()
+    );
+    assert!(sent(asked[0]).contains(&format!("_td_ssc_id={id}")));
+    assert_eq!(
+        second["setCookies"],
+        serde_json::json!([format!(
+            "_td={client_id}; Max-Age=63072000; Path=/; SameSite=Lax; Secure"
+        )]),
+        "{}",
+        context()
+    );
+    assert_eq!(
+        max_age(second["setCookies"][0].as_str().unwrap()),
+        Some(63_072_000)
+    );
+    let tds: Vec<&Value> = second["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"] == "_td")
+        .collect();
+    assert_eq!(tds.len(), 1, "one _td cookie, not two: {tds:#?}");
+    assert_eq!(tds[0]["value"], client_id.as_str());
+    assert_eq!(cookie(second, "_td_ssc_id")["value"], id.as_str());
+    // The origin served the page twice and never saw /get_cookie_id.
+    let served = site.served();
+    assert_eq!(
+        served.iter().filter(|s| s.uri == "/identity.html").count(),
+        2
+    );
+    assert!(!served.iter().any(|s| s.uri.starts_with("/get_cookie_id")));
 }

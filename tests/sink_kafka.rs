@@ -506,7 +506,9 @@ fn sink_state(proxy: &Proxy) -> String {
         .enable_all()
         .build()
         .unwrap();
-    let sinks = rt.block_on(common::get(&proxy.admin_url("/sinks"), &[])).json();
+    let sinks = rt
+        .block_on(common::get(&proxy.admin_url("/sinks"), &[]))
+        .json();
     sinks[0]["state"].as_str().unwrap_or_default().to_owned()
 }
 
@@ -537,9 +539,10 @@ fn a_broker_that_comes_back_empty_gets_every_record() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        eventually(Duration::from_secs(5).saturating_sub(stopped.elapsed()), || {
-            sink_state(&proxy) == "down"
-        }) || sink_state(&proxy) == "down",
+        eventually(
+            Duration::from_secs(5).saturating_sub(stopped.elapsed()),
+            || { sink_state(&proxy) == "down" }
+        ) || sink_state(&proxy) == "down",
         "/sinks does not say the sink is down\nproxy log:\n{}",
         proxy.stderr()
     );
@@ -548,7 +551,10 @@ fn a_broker_that_comes_back_empty_gets_every_record() {
         .build()
         .unwrap();
     let ready = rt.block_on(common::get(&proxy.admin_url("/readyz"), &[]));
-    assert_eq!(ready.status, 200, "a sink outage alone keeps the instance ready");
+    assert_eq!(
+        ready.status, 200,
+        "a sink outage alone keeps the instance ready"
+    );
     assert!(
         proxy.stderr().contains("every Kafka broker is unreachable"),
         "the sink does not say its broker is down\nproxy log:\n{}",

@@ -201,6 +201,7 @@ fuzz_target!(|data: &[u8]| {
             Format::Json
         },
         privacy: None,
+        enrich: &[],
     };
     let req = PostbackRequest {
         method: &input.method,

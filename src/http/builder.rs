@@ -12,12 +12,12 @@ use super::client_ip::ClientIpPolicy;
 use super::live::LiveView;
 use super::postbacks::Postbacks;
 use crate::config::{Config, Problem};
-use crate::sink::SinkConfig;
 use crate::delivery::{Delivery, MAX_BODY_BYTES};
+use crate::identity::Identity;
 use crate::postback::auth::KeyStore;
 use crate::postback::route::{Route, RouteConfig, Router};
 use crate::postback::Postback;
-use crate::sink::{self, LogSink};
+use crate::sink::{self, LogSink, SinkConfig};
 
 /// Why [`Postbacks`] could not be built: every problem found, each naming its field.
 #[derive(Debug)]
@@ -51,6 +51,7 @@ pub const DEFAULT_RECENT_RECORDS: usize = 1000;
 struct Checked {
     router: Router,
     postback: Postback,
+    identity: Identity,
     /// Every sink's name, in lane order: the file's sinks (by name), then those registered in code.
     names: Vec<String>,
 }
@@ -134,6 +135,7 @@ impl PostbacksBuilder {
         Ok(Postbacks::new(
             checked.router,
             checked.postback,
+            checked.identity,
             Arc::new(delivery),
             Arc::new(LiveView::new(self.recent_records)),
         ))
@@ -174,10 +176,12 @@ impl PostbacksBuilder {
             _ => None,
         };
         problems.extend(Delivery::validate(&cfg.delivery));
-        match postback {
-            Some(postback) if problems.is_empty() => Ok(Checked {
+        let identity = Identity::from_config(&cfg.identity).map_err(|p| problems.extend(p));
+        match (postback, identity) {
+            (Some(postback), Ok(identity)) if problems.is_empty() => Ok(Checked {
                 router: Router::new(routes),
                 postback,
+                identity,
                 names,
             }),
             _ => Err(problems),

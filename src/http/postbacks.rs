@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use log::error;
+use log::{error, warn};
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::{background_service, BackgroundService, GenBackgroundService};
@@ -24,6 +24,9 @@ use super::forwarded::{is_tls, peer_ip};
 use super::live::LiveView;
 use crate::config::Config;
 use crate::delivery::{Delivery, DeliveryError};
+use crate::identity::extend::Page;
+use crate::identity::server_cookie::{strip_port, IdRequest, ServerCookie};
+use crate::identity::Identity;
 use crate::metrics;
 use crate::postback::reply::{ErrorKind, Refusal, Reply};
 use crate::postback::route::{Route, RouteMatch, Router};
@@ -34,10 +37,12 @@ use crate::postback::{Postback, PostbackRequest, Target};
 ///
 /// Build it with [`Postbacks::builder`], call [`Postbacks::handle`] first in your
 /// `ProxyHttp::request_filter`, and add [`Postbacks::delivery_service`] (and, if you like,
-/// [`Postbacks::admin_service`]) to your `Server`.
+/// [`Postbacks::admin_service`]) to your `Server`. For `identity.extend_cookies`, also call
+/// [`Postbacks::extend_cookies`] in your `ProxyHttp::response_filter`.
 pub struct Postbacks {
     router: Router,
     postback: Postback,
+    identity: Identity,
     delivery: Arc<Delivery>,
     live: Arc<LiveView>,
 }
@@ -63,12 +68,14 @@ impl Postbacks {
     pub(crate) fn new(
         router: Router,
         postback: Postback,
+        identity: Identity,
         delivery: Arc<Delivery>,
         live: Arc<LiveView>,
     ) -> Self {
         Postbacks {
             router,
             postback,
+            identity,
             delivery,
             live,
         }
@@ -129,7 +136,16 @@ impl Postbacks {
     /// Runs in `request_filter` for every request. When the path is a postback route, answers
     /// the request (the GIF, `{}`, a redirect or a refusal) once delivery has accepted its
     /// records, and returns `true`; otherwise returns `false` and touches nothing.
+    ///
+    /// With `identity.server_cookie` enabled, it also answers td-js-sdk's server cookie
+    /// endpoint (`GET /get_cookie_id`).
     pub async fn handle(&self, session: &mut Session) -> Result<bool> {
+        if let Some(endpoint) = &self.identity.server_cookie {
+            if session.req_header().uri.path() == endpoint.path() {
+                self.server_cookie(session, endpoint).await?;
+                return Ok(true);
+            }
+        }
         let Some(found) = self.router.find(session.req_header().uri.path()) else {
             return Ok(false);
         };
@@ -150,6 +166,56 @@ impl Postbacks {
         count(route, outcome, started);
         self.write_reply(session, reply).await?;
         Ok(true)
+    }
+
+    /// Answers td-js-sdk's `fetchServerCookie()` (see [`ServerCookie`]).
+    async fn server_cookie(&self, session: &mut Session, endpoint: &ServerCookie) -> Result<()> {
+        let started = Instant::now();
+        let tls = is_tls(session);
+        let req = session.req_header();
+        let host = request_host(req).map(|h| strip_port(h).to_ascii_lowercase());
+        let (reply, result) = endpoint.answer(&IdRequest {
+            method: &req.method,
+            query: req.uri.query(),
+            host: host.as_deref(),
+            headers: &req.headers,
+            assessment: self.postback.assess(&req.headers),
+            tls,
+        });
+        metrics::SERVER_IDS
+            .with_label_values(&[result.label()])
+            .inc();
+        metrics::REQUEST_DURATION
+            .with_label_values(&["identity"])
+            .observe(started.elapsed().as_secs_f64());
+        settle_body(session, self.postback.limits()).await;
+        self.write_reply(session, reply).await
+    }
+
+    /// Runs in `response_filter` for every proxied response: with `identity.extend_cookies`,
+    /// adds a `Set-Cookie` re-issuing each listed cookie the request carried, when the response
+    /// is a 2xx HTML page that no shared cache may store, the origin does not set that cookie
+    /// itself and the visitor did not opt out (`postback.privacy`). Touches nothing else: the
+    /// origin's headers and body pass as they are.
+    pub fn extend_cookies(&self, session: &Session, response: &mut ResponseHeader) {
+        let extension = &self.identity.extension;
+        if !extension.is_enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let cookies = extension.set_cookies(&Page {
+            request: &req.headers,
+            status: response.status.as_u16(),
+            response: &response.headers,
+            assessment: self.postback.assess(&req.headers),
+            tls: is_tls(session),
+        });
+        for (name, line) in cookies {
+            match response.append_header(header::SET_COOKIE, line) {
+                Ok(_) => metrics::COOKIES_EXTENDED.with_label_values(&[name]).inc(),
+                Err(e) => warn!("cannot add the Set-Cookie of `{name}`: {e}"),
+            }
+        }
     }
 
     /// Works out the reply to a postback; reads the body of POSTs and delivers the records.
@@ -191,6 +257,7 @@ impl Postbacks {
             table,
             default_format: route.default_format,
             privacy: route.privacy.as_ref(),
+            enrich: &route.enrich,
         };
         let outcome = self.postback.handle(target, &request)?;
         let shown = self.live.render(&route.template, &outcome.records);
@@ -229,6 +296,14 @@ impl Postbacks {
         }
         Ok(())
     }
+}
+
+/// The host the request was sent to: the request target's authority (HTTP/2, absolute form) or
+/// the `Host` header.
+fn request_host(req: &pingora::http::RequestHeader) -> Option<&str> {
+    req.uri
+        .host()
+        .or_else(|| req.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
 }
 
 fn count(route: &Route, outcome: &str, started: Instant) {

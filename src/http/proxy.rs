@@ -84,6 +84,18 @@ impl ProxyHttp for PostbackProxy {
         add_forwarded_headers(session, policy, upstream_request)
     }
 
+    /// Proxied responses only (postbacks are answered in `request_filter`): identity's cookie
+    /// extension may add a `Set-Cookie`; nothing else changes.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.postbacks.extend_cookies(session, upstream_response);
+        Ok(())
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         if ctx.postback {
             return;

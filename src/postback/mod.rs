@@ -14,6 +14,8 @@ pub mod auth;
 pub mod config;
 pub mod cookie;
 pub mod cors;
+pub mod encoding;
+pub mod enrich;
 pub mod limits;
 pub mod params;
 pub mod privacy;
@@ -35,6 +37,7 @@ use auth::KeyStore;
 use config::PostbackConfig;
 use cookie::GlobalIdCookie;
 use cors::Cors;
+use enrich::{Enricher, UserAgents};
 use limits::Limits;
 use params::bad;
 use privacy::{Assessment, BotAction, OptOutAction, PrivacyPolicy};
@@ -54,6 +57,8 @@ pub struct Target<'a> {
     pub default_format: Format,
     /// The route's own privacy rules, if it has any.
     pub privacy: Option<&'a PrivacyPolicy>,
+    /// The route's `enrich:`.
+    pub enrich: &'a [Enricher],
 }
 
 /// The parts of an HTTP request a postback needs.
@@ -67,8 +72,8 @@ pub struct PostbackRequest<'a> {
     pub url_len: usize,
     /// The request headers.
     pub headers: &'a HeaderMap,
-    /// The whole body (already bounded by `max_body_bytes`); empty for GET and HEAD, and before
-    /// the body is read.
+    /// The whole body as received (already bounded by `max_body_bytes`), still compressed when
+    /// it has a `Content-Encoding`; empty for GET and HEAD, and before the body is read.
     pub body: &'a [u8],
     /// The TCP peer.
     pub peer: Option<IpAddr>,
@@ -96,6 +101,7 @@ pub struct Postback {
     privacy: PrivacyPolicy,
     cors: Cors,
     limits: Limits,
+    user_agents: UserAgents,
     past_secs: i64,
     future_secs: i64,
 }
@@ -137,6 +143,7 @@ impl Postback {
             privacy,
             cors,
             limits,
+            user_agents: UserAgents::default(),
             past_secs: cfg.record_time_window.past.0.as_secs() as i64,
             future_secs: cfg.record_time_window.future.0.as_secs() as i64,
         })
@@ -151,6 +158,12 @@ impl Postback {
     /// answer, refusals included.
     pub fn cors_headers(&self, headers: &HeaderMap) -> Vec<(&'static str, String)> {
         self.cors.headers(headers)
+    }
+
+    /// What `postback.privacy` says about the visitor of a request that is no postback (a
+    /// proxied page, the server cookie endpoint).
+    pub fn assess(&self, headers: &HeaderMap) -> Assessment {
+        self.privacy.assess(headers)
     }
 
     /// The client's address as the records see it (used for `td_ip`).
@@ -176,6 +189,10 @@ impl Postback {
         if *req.method == Method::OPTIONS {
             return self.cors.preflight(req.headers).map(Some);
         }
+        if *req.method == Method::POST {
+            // An encoding we cannot read is refused before the body is.
+            encoding::of(req.headers)?;
+        }
         Ok(None)
     }
 
@@ -187,8 +204,16 @@ impl Postback {
         target: Target<'_>,
         req: &PostbackRequest<'_>,
     ) -> Result<Outcome, Refusal> {
+        let body = match *req.method {
+            Method::POST => encoding::decode(
+                encoding::of(req.headers)?,
+                req.body,
+                self.limits.max_body_bytes,
+            )?,
+            _ => std::borrow::Cow::Borrowed(req.body),
+        };
         let params::Parsed { query, objects } =
-            params::parse(req.method, req.query, req.headers, req.body)?;
+            params::parse(req.method, req.query, req.headers, &body)?;
         // The answer, checked before anything is accepted.
         let format = match query.format.as_deref() {
             None => target.default_format,
@@ -240,6 +265,11 @@ impl Postback {
             self.limits.max_columns,
         );
         let mut records = builder.records(query, objects, |t| self.record_time(t, req.now))?;
+        if target.enrich.contains(&Enricher::UserAgent) {
+            for r in &mut records {
+                self.user_agents.enrich(r, self.limits.max_columns)?;
+            }
+        }
         self.apply_privacy(&mut records, &assessment, dropped)?;
 
         let mut reply = match redirect {
@@ -338,6 +368,7 @@ mod tests {
         table: "pageviews",
         default_format: Format::Json,
         privacy: None,
+        enrich: &[],
     };
 
     fn get(
@@ -567,6 +598,59 @@ mod tests {
             request(&p, Method::POST, "", &other, b"<a/>")
                 .unwrap_err()
                 .kind,
+            ErrorKind::UnsupportedMediaType
+        );
+    }
+
+    #[test]
+    fn compressed_bodies() {
+        use std::io::Write;
+        let p = postback("max_body_bytes: 200");
+        let gzip = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let h = |enc: &'static str| {
+            [
+                ("content-type", "application/json"),
+                ("x-td-write-key", "KEY"),
+                ("content-encoding", enc),
+            ]
+        };
+        let o = request(&p, Method::POST, "", &h("gzip"), &gzip(br#"{"page":"/z"}"#)).unwrap();
+        assert_eq!(columns(&o), [("page".to_string(), "/z".to_string())]);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(br#"{"page":"/d"}"#).unwrap();
+        let o = request(&p, Method::POST, "", &h("deflate"), &z.finish().unwrap()).unwrap();
+        assert_eq!(columns(&o), [("page".to_string(), "/d".to_string())]);
+        let big = format!(r#"{{"page":"{}"}}"#, "a".repeat(300));
+        let kind = |enc, body: &[u8]| {
+            request(&p, Method::POST, "", &h(enc), body)
+                .unwrap_err()
+                .kind
+        };
+        assert_eq!(
+            kind("gzip", &gzip(big.as_bytes())),
+            ErrorKind::PayloadTooLarge
+        );
+        assert_eq!(kind("gzip", b"{\"page\":1}"), ErrorKind::BadRequest);
+        assert_eq!(kind("br", b"{}"), ErrorKind::UnsupportedMediaType);
+        // Unknown encodings are refused before the body is read.
+        let mut map = HeaderMap::new();
+        map.insert("content-encoding", "br".parse().unwrap());
+        let head = PostbackRequest {
+            method: &Method::POST,
+            query: None,
+            url_len: 1,
+            headers: &map,
+            body: b"",
+            peer: None,
+            tls: false,
+            now: NOW,
+        };
+        assert_eq!(
+            p.check_head(&head).unwrap_err().kind,
             ErrorKind::UnsupportedMediaType
         );
     }

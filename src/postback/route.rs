@@ -3,6 +3,7 @@
 use serde::Deserialize;
 
 use crate::config::Problem;
+use crate::postback::enrich::Enricher;
 use crate::postback::privacy::PrivacyConfig;
 use crate::postback::privacy::PrivacyPolicy;
 use crate::template::{Part, Template};
@@ -39,6 +40,9 @@ pub struct RouteConfig {
     /// Replaces `postback.privacy` for this route.
     #[serde(default)]
     pub privacy: Option<PrivacyConfig>,
+    /// Columns added to every record from what it carries: `[user_agent]`.
+    #[serde(default)]
+    pub enrich: Vec<Enricher>,
 }
 
 /// `sink:` of a route: one name or a list of names.
@@ -73,6 +77,7 @@ pub(crate) fn default_routes() -> Vec<RouteConfig> {
         default_format: Format::Json,
         sink: default_sink_names(),
         privacy: None,
+        enrich: Vec::new(),
     }]
 }
 
@@ -113,6 +118,8 @@ pub struct Route {
     pub sinks: Vec<SinkId>,
     /// The route's own privacy rules, replacing `postback.privacy`.
     pub privacy: Option<PrivacyPolicy>,
+    /// The route's `enrich:`, each enricher once.
+    pub enrich: Vec<Enricher>,
 }
 
 /// What [`Router::find`] found for a path.
@@ -195,6 +202,16 @@ impl Route {
                 .ok(),
             None => None,
         };
+        let mut enrich = Vec::new();
+        for e in &cfg.enrich {
+            if enrich.contains(e) {
+                problems.push(Problem::new(
+                    format!("{field}.enrich"),
+                    format!("lists `{}` twice", e.name()),
+                ));
+            }
+            enrich.push(*e);
+        }
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -206,6 +223,7 @@ impl Route {
             default_format: cfg.default_format,
             sinks,
             privacy,
+            enrich,
         })
     }
 
@@ -330,6 +348,7 @@ mod tests {
             default_format: Format::Json,
             sink: SinkNames::One("main".into()),
             privacy: None,
+            enrich: Vec::new(),
         };
         Route::compile(&cfg, vec![0], "routes[0]").unwrap()
     }
@@ -400,6 +419,7 @@ mod tests {
                 default_format: Format::Json,
                 sink: SinkNames::One("main".into()),
                 privacy: None,
+                enrich: Vec::new(),
             };
             Route::compile(&cfg, vec![0], "routes[2]").unwrap_err()
         };
@@ -422,6 +442,26 @@ mod tests {
             bad("/x/{table}", Some("no-dash"))[0].field,
             "routes[2].database"
         );
+    }
+
+    #[test]
+    fn enrich_is_a_closed_list() {
+        let cfg: RouteConfig =
+            serde_saphyr::from_str("{path: '/td/{database}/{table}', enrich: [user_agent]}")
+                .unwrap();
+        assert_eq!(cfg.enrich, [crate::postback::enrich::Enricher::UserAgent]);
+        let err = serde_saphyr::from_str::<RouteConfig>(
+            "path: '/td/{database}/{table}'\nenrich: [user_agnet]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("user_agnet") && err.contains('2'), "{err}");
+        let cfg: RouteConfig = serde_saphyr::from_str(
+            "{path: '/td/{database}/{table}', enrich: [user_agent, user_agent]}",
+        )
+        .unwrap();
+        let err = Route::compile(&cfg, vec![0], "routes[1]").unwrap_err();
+        assert_eq!(err[0].field, "routes[1].enrich");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! Test files are named after the contract's sections (`../shared/SPEC.md`): `command_line.rs`
 //! (1, 2), `postback_requests.rs` (3, 4), `delivery.rs`, `sink_kafka.rs`, `sink_fluent.rs` (4),
-//! `passthrough.rs` (5), `deploy.rs` (6), `browser.rs` (3, 7); across sections: `frontdoor.rs`
+//! `passthrough.rs` (5), `deploy.rs` (6), `identity.rs` (7), `browser.rs` (3, 7); across sections: `frontdoor.rs`
 //! (TLS, health checks, upgrades) and `adversarial.rs` (hostile input).
 #![allow(dead_code)]
 

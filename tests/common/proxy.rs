@@ -65,6 +65,10 @@ pub struct Settings {
     pub tls_listener: Option<TlsFiles>,
     /// Extra environment variables for the process (e.g. `SSL_CERT_FILE`).
     pub env: Vec<(String, String)>,
+    /// Extra entries at the end of `routes:` (lines indented by two spaces each).
+    pub routes_extra: Vec<String>,
+    /// Lines of an `identity:` section (indented by two spaces each); empty: no section.
+    pub identity: Vec<String>,
 }
 
 /// A PEM certificate chain and key for a TLS listener (or a TLS origin).
@@ -190,6 +194,8 @@ impl Settings {
             read_timeout: "20s".into(),
             tls_listener: None,
             env: Vec::new(),
+            routes_extra: Vec::new(),
+            identity: Vec::new(),
         }
     }
 
@@ -232,6 +238,11 @@ impl Settings {
         let extra = indent(&self.postback_extra);
         let upstream_extra = indent(&self.upstream_extra);
         let delivery_extra = indent(&self.delivery_extra);
+        let routes_extra = indent(&self.routes_extra);
+        let identity = match self.identity.is_empty() {
+            true => String::new(),
+            false => format!("identity:\n{}", indent(&self.identity)),
+        };
         let main_sink = match &self.sink_yaml {
             Some(yaml) => yaml.clone(),
             None => format!("{{ type: file, path: {:?} }}", sink.display().to_string()),
@@ -267,7 +278,7 @@ routes:
     sink: main
   - path: /td/{{database}}/{{table}}
     sink: main
-
+{routes_extra}
 auth:
   write_keys:
     - key: "{KEY}"
@@ -300,7 +311,8 @@ delivery:
   when_full: {when_full}
   batch: {{ max_records: {batch_records}, max_wait: {max_wait} }}
   retry: {{ initial: 50ms, max: 500ms }}
-{delivery_extra}"#,
+{delivery_extra}
+{identity}"#,
             server = server_yaml(dir),
             dir = dir.display(),
             upstream = list(&self.upstream),

@@ -64,6 +64,7 @@ fn get(p: &Postback, query: &str, headers: &[(&'static str, &str)]) -> Result<Ou
             table: "t",
             default_format: Format::Json,
             privacy: None,
+            enrich: &[],
         },
         &PostbackRequest {
             method: &Method::GET,

@@ -1,0 +1,102 @@
+// Drives headless Chromium for tests/browser.rs's identity test: `node identity.mjs <url>`.
+//
+// Opens the page through the proxy, waits until td-js-sdk's two fetchServerCookie() calls have
+// answered, reloads it and waits again, and prints one JSON object on stdout: for each load the
+// page's own view (window.testState), the Set-Cookie headers of the page's response, the cookies
+// the browser holds afterwards (with their expiry) and the browser's requests to /get_cookie_id
+// (status, cookies sent, Set-Cookie received). The Rust test makes the assertions. Every wait is
+// bounded; on a timeout it says what it was waiting for on stderr and exits 1.
+//
+// CHROMIUM overrides the browser binary (default /usr/bin/chromium, Debian's package).
+
+import { chromium } from 'playwright-core';
+
+const STEP_MS = 30_000;
+const TOTAL_MS = 100_000;
+
+const [url] = process.argv.slice(2);
+if (!url) {
+  console.error('usage: node identity.mjs <url of the page>');
+  process.exit(2);
+}
+const hardStop = setTimeout(() => {
+  console.error(`identity.mjs: gave up after ${TOTAL_MS} ms`);
+  process.exit(1);
+}, TOTAL_MS);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function waitUntil(what, check, ms = STEP_MS) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(25);
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  chromiumSandbox: false,
+  timeout: STEP_MS,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    '--disable-dev-shm-usage'],
+});
+
+let phase = 'launching';
+let load = 0;
+const sscRequests = [];
+try {
+  const context = await browser.newContext({ ignoreHTTPSErrors: true });
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP_MS);
+  page.on('console', (m) => console.error(`[page ${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  const pending = [];
+  context.on('requestfinished', (req) => {
+    if (!new URL(req.url()).pathname.startsWith('/get_cookie_id')) return;
+    const entry = { load, url: req.url() };
+    sscRequests.push(entry);
+    pending.push((async () => {
+      entry.cookie = (await req.allHeaders()).cookie ?? null;
+      const resp = await req.response();
+      entry.status = resp.status();
+      entry.setCookies = (await resp.headersArray())
+        .filter((h) => h.name.toLowerCase() === 'set-cookie').map((h) => h.value);
+      entry.body = await resp.text();
+    })().catch((e) => { entry.failure = String(e); }));
+  });
+
+  async function settle(response) {
+    phase = `load ${load}: fetchServerCookie`;
+    const state = await waitUntil(phase, () => page.evaluate(() => {
+      const s = window.testState;
+      return s && s.ssc !== null && s.forced !== null ? s : null;
+    }));
+    await Promise.all(pending);
+    return {
+      state,
+      setCookies: (await response.headersArray())
+        .filter((h) => h.name.toLowerCase() === 'set-cookie').map((h) => h.value),
+      cookies: await context.cookies(),
+      now: Date.now() / 1000,
+    };
+  }
+
+  phase = 'opening the page';
+  load = 1;
+  const first = await settle(await page.goto(url, { waitUntil: 'load' }));
+  phase = 'reloading the page';
+  load = 2;
+  const second = await settle(await page.reload({ waitUntil: 'load' }));
+  await Promise.all(pending);
+  process.stdout.write(JSON.stringify({ loads: [first, second], sscRequests }) + '\n');
+} catch (e) {
+  console.error(`identity.mjs failed during ${phase}: ${e && e.stack ? e.stack : e}`);
+  process.exitCode = 1;
+} finally {
+  await browser.close().catch(() => {});
+  clearTimeout(hardStop);
+}
