@@ -167,6 +167,17 @@ pub static REQUEST_DURATION: Lazy<HistogramVec> = Lazy::new(|| {
     .expect("metric registers once")
 });
 
+/// Runs once per sink at start-up: every per-sink series exists from the start at 0, so alerts
+/// and dashboards (`rate(...)`, `increase(...)`) see a sink before its first failure.
+pub fn register_sink(sink: &str) {
+    for result in ["delivered", "dropped", "rejected", "lost"] {
+        RECORDS.with_label_values(&[sink, result]);
+    }
+    SPOOL_SKIPPED_BYTES.with_label_values(&[sink]);
+    SINK_ERRORS.with_label_values(&[sink]);
+    BUFFER_WRITE_ERRORS.with_label_values(&[sink]);
+}
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

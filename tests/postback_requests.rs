@@ -123,18 +123,6 @@ fn record(database: &str, table: &str, time: i64, columns: &[(&str, &str)]) -> V
     json!({"database": database, "table": table, "record": rec})
 }
 
-/// The answer lets the configured origin `https://www.example.com` read it, with credentials.
-fn assert_cors_allowed(r: &Resp) {
-    assert_eq!(
-        r.header("access-control-allow-origin").as_deref(),
-        Some("https://www.example.com")
-    );
-    assert_eq!(
-        r.header("access-control-allow-credentials").as_deref(),
-        Some("true")
-    );
-}
-
 /// The only record before the marker is one of `web.{table}` with `columns`, received since
 /// `before`.
 async fn assert_one_record(proxy: &Proxy, before: i64, table: &str, columns: &[(&str, &str)]) {

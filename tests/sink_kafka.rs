@@ -112,12 +112,18 @@ fn kafka_yaml(dir: &Path, port: u16, brokers: &str, sink_extra: &str) -> String 
     sink_test_yaml(dir, port, closed_port(), KEY, &sink, "1s")
 }
 
-/// Starts the real proxy (the harness's, with its port retry) with a Kafka sink, after
-/// `--check` accepted its configuration.
+/// Starts the real proxy (the harness's, with its port retry and an admin listener) with a Kafka
+/// sink, after `--check` accepted its configuration.
 fn start_proxy(brokers: &str, sink_extra: &str) -> Proxy {
     let proxy = Proxy::start_yaml(
-        |dir, port, _admin| kafka_yaml(dir, port, brokers, sink_extra),
-        false,
+        |dir, port, admin| {
+            let mut yaml = kafka_yaml(dir, port, brokers, sink_extra);
+            if let Some(admin) = admin {
+                yaml.push_str(&format!("admin:\n  address: 127.0.0.1:{admin}\n"));
+            }
+            yaml
+        },
+        true,
         |dir| dir.join("events.jsonl"),
     );
     let (out, stdout, stderr) = check("-c", &proxy.config_path, proxy.dir.path());

@@ -182,6 +182,7 @@ impl Delivery {
         let mut lanes = Vec::new();
         let mut pending = Vec::new();
         for (name, sink) in sinks {
+            metrics::register_sink(&name);
             let buffer = match cfg.buffer {
                 BufferKind::Memory => {
                     Buffer::Memory(Arc::new(MemoryQueue::new(&name, cfg.queue_records)))

@@ -9,7 +9,7 @@
 //
 // CHROMIUM overrides the browser binary (default /usr/bin/chromium, Debian's package).
 
-import { chromium } from 'playwright-core';
+import { hardStop, launch, sleep, waitUntil } from './harness.mjs';
 
 const STEP_MS = 30_000;
 const TOTAL_MS = 100_000;
@@ -20,40 +20,11 @@ if (!firstUrl) {
   process.exit(2);
 }
 
-const hardStop = setTimeout(() => {
-  console.error(`drive.mjs: gave up after ${TOTAL_MS} ms`);
-  process.exit(1);
-}, TOTAL_MS);
+const stop = hardStop('drive.mjs', TOTAL_MS);
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** Polls `check` until it returns a truthy value; throws `what` after `ms`. */
-async function waitUntil(what, check, ms = STEP_MS) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await check();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(25);
-  }
-}
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  chromiumSandbox: false,
-  timeout: STEP_MS,
-  args: [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--disable-dev-shm-usage',
-  ],
-});
+const browser = await launch(STEP_MS);
 
 /** Every request the page made, in order. */
 const requests = [];
@@ -164,5 +135,5 @@ try {
   process.exitCode = 1;
 } finally {
   await browser.close().catch(() => {});
-  clearTimeout(hardStop);
+  clearTimeout(stop);
 }

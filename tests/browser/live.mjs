@@ -8,7 +8,7 @@
 // takes a screenshot and prints one JSON object: what the page showed. The Rust test makes the
 // assertions. Every wait is bounded; on a timeout it says what it was waiting for on stderr.
 
-import { chromium } from 'playwright-core';
+import { hardStop, launch, waitUntil as waitFor } from './harness.mjs';
 import { existsSync } from 'node:fs';
 
 const STEP_MS = 20_000;
@@ -19,27 +19,11 @@ if (!signal) {
 }
 const started = Date.now();
 const note = (what) => console.error(`live.mjs: ${what} after ${Date.now() - started} ms`);
-setTimeout(() => { note('gave up'); process.exit(1); }, 150_000);
+hardStop('live.mjs', 150_000);
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-async function waitUntil(what, check) {
-  const deadline = Date.now() + STEP_MS;
-  for (;;) {
-    const value = await check();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${STEP_MS} ms waiting for ${what}`);
-    await sleep(25);
-  }
-}
+const waitUntil = (what, check) => waitFor(what, check, STEP_MS);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  chromiumSandbox: false,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage'],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.on('pageerror', (e) => console.error(`[page error] ${e}`));

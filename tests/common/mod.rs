@@ -164,3 +164,15 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Resp {
     }
     send(req).await
 }
+
+/// The answer lets the configured origin `https://www.example.com` read it, with credentials.
+pub fn assert_cors_allowed(r: &Resp) {
+    assert_eq!(
+        r.header("access-control-allow-origin").as_deref(),
+        Some("https://www.example.com")
+    );
+    assert_eq!(
+        r.header("access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+}

@@ -72,19 +72,8 @@ pub fn decode_frame(buf: &[u8]) -> Frame {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::record;
     use super::*;
-    use crate::record::RecordBody;
-
-    pub(crate) fn record(i: usize) -> Record {
-        Record {
-            database: "web".into(),
-            table: "t".into(),
-            body: RecordBody {
-                time: i as i64,
-                columns: [("i".to_string(), i.to_string())].into_iter().collect(),
-            },
-        }
-    }
 
     #[test]
     fn frames_round_trip_and_detect_damage() {

@@ -11,7 +11,8 @@ use crate::delivery::DeliveryError;
 use crate::record::{Record, RecordBody};
 use crate::units::HumanDuration;
 
-fn record(i: usize) -> Record {
+/// A small record numbered `i` (its `time` and its one column).
+pub(super) fn record(i: usize) -> Record {
     Record {
         database: "web".into(),
         table: "t".into(),
