@@ -9,21 +9,13 @@
 //
 // CHROMIUM overrides the browser binary (default /usr/bin/chromium, Debian's package).
 
-import { hardStop, launch, sleep, waitUntil } from './harness.mjs';
+import { args, hardStop, launch, sleep, waitUntil } from './harness.mjs';
 
 const STEP_MS = 30_000;
 const TOTAL_MS = 100_000;
 
-const [firstUrl] = process.argv.slice(2);
-if (!firstUrl) {
-  console.error('usage: node drive.mjs <url of the first page>');
-  process.exit(2);
-}
-
+const [firstUrl] = args('drive.mjs', '<url of the first page>', 1);
 const stop = hardStop('drive.mjs', TOTAL_MS);
-
-
-
 const browser = await launch(STEP_MS);
 
 /** Every request the page made, in order. */

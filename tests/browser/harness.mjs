@@ -38,3 +38,13 @@ export function launch(timeout = 30_000) {
       '--disable-dev-shm-usage'],
   });
 }
+
+/** The script's `n` arguments; with fewer, says how to call it and exits with 2. */
+export function args(script, usage, n) {
+  const given = process.argv.slice(2);
+  if (given.length < n) {
+    console.error(`usage: node ${script} ${usage}`);
+    process.exit(2);
+  }
+  return given;
+}

@@ -9,18 +9,13 @@
 //
 // CHROMIUM overrides the browser binary (default /usr/bin/chromium, Debian's package).
 
-import { hardStop, launch, waitUntil } from './harness.mjs';
+import { args, hardStop, launch, waitUntil } from './harness.mjs';
 
 const STEP_MS = 30_000;
 const TOTAL_MS = 100_000;
 
-const [url] = process.argv.slice(2);
-if (!url) {
-  console.error('usage: node identity.mjs <url of the page>');
-  process.exit(2);
-}
+const [url] = args('identity.mjs', '<url of the page>', 1);
 const stop = hardStop('identity.mjs', TOTAL_MS);
-
 const browser = await launch(STEP_MS);
 
 let phase = 'launching';

@@ -8,15 +8,12 @@
 // takes a screenshot and prints one JSON object: what the page showed. The Rust test makes the
 // assertions. Every wait is bounded; on a timeout it says what it was waiting for on stderr.
 
-import { hardStop, launch, waitUntil as waitFor } from './harness.mjs';
+import { args, hardStop, launch, waitUntil as waitFor } from './harness.mjs';
 import { existsSync } from 'node:fs';
 
 const STEP_MS = 20_000;
-const [adminUrl, postbackUrl, key, screenshot, signal] = process.argv.slice(2);
-if (!signal) {
-  console.error('usage: node live.mjs <admin url> <postback url prefix> <write key> <screenshot path> <signal file>');
-  process.exit(2);
-}
+const [adminUrl, postbackUrl, key, screenshot, signal] = args('live.mjs',
+  '<admin url> <postback url prefix> <write key> <screenshot path> <signal file>', 5);
 const started = Date.now();
 const note = (what) => console.error(`live.mjs: ${what} after ${Date.now() - started} ms`);
 hardStop('live.mjs', 150_000);
@@ -55,9 +52,16 @@ try {
       Array.from(tr.cells).map((td) => td.textContent)));
     return rows.length >= 1 ? rows : null;
   });
+  // The table re-renders on the next animation frame: wait for the filtered rows (any count but
+  // the full three is an answer the test then checks).
+  const shownRows = () => page.$$eval('#records tbody tr', (trs) => trs.length);
   await page.fill('#f-text', '/live-2');
-  const filtered = await page.$$eval('#records tbody tr', (trs) => trs.length);
+  const filtered = await waitUntil('the text filter', async () => {
+    const n = await shownRows();
+    return n < 3 ? { n } : null;
+  }).then((r) => r.n).catch(() => 3);
   await page.fill('#f-text', '');
+  await waitUntil('the filter cleared', async () => (await shownRows()) >= 3);
 
   note('records, refusal and sinks shown');
   console.log('stop the sink');
