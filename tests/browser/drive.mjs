@@ -9,7 +9,7 @@
 //
 // CHROMIUM overrides the browser binary (default /usr/bin/chromium, Debian's package).
 
-import { args, hardStop, launch, sleep, waitUntil } from './harness.mjs';
+import { args, hardStop, launch, newPage, sleep, waitUntil } from './harness.mjs';
 
 const STEP_MS = 30_000;
 const TOTAL_MS = 100_000;
@@ -27,11 +27,7 @@ let phase = 'launching';
 
 try {
   // The proxy's certificate is a throw-away self-signed one made by the test.
-  const context = await browser.newContext({ ignoreHTTPSErrors: true });
-  const page = await context.newPage();
-  page.setDefaultTimeout(STEP_MS);
-  page.on('console', (m) => console.error(`[page ${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  const { context, page } = await newPage(browser, STEP_MS);
 
   const byRequest = new Map();
   context.on('request', (req) => {

@@ -48,3 +48,14 @@ export function args(script, usage, n) {
   }
   return given;
 }
+
+/** A page in a new context that accepts the test's throw-away certificate, with the page's
+ * console and errors copied to stderr. */
+export async function newPage(browser, timeout = 30_000) {
+  const context = await browser.newContext({ ignoreHTTPSErrors: true });
+  const page = await context.newPage();
+  page.setDefaultTimeout(timeout);
+  page.on('console', (m) => console.error(`[page ${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  return { context, page };
+}

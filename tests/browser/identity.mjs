@@ -9,7 +9,7 @@
 //
 // CHROMIUM overrides the browser binary (default /usr/bin/chromium, Debian's package).
 
-import { args, hardStop, launch, waitUntil } from './harness.mjs';
+import { args, hardStop, launch, newPage, waitUntil } from './harness.mjs';
 
 const STEP_MS = 30_000;
 const TOTAL_MS = 100_000;
@@ -22,11 +22,8 @@ let phase = 'launching';
 let load = 0;
 const sscRequests = [];
 try {
-  const context = await browser.newContext({ ignoreHTTPSErrors: true });
-  const page = await context.newPage();
-  page.setDefaultTimeout(STEP_MS);
-  page.on('console', (m) => console.error(`[page ${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => console.error(`[page error] ${e}`));
+  // The proxy's certificate is a throw-away self-signed one made by the test.
+  const { context, page } = await newPage(browser, STEP_MS);
   const pending = [];
   context.on('requestfinished', (req) => {
     if (!new URL(req.url()).pathname.startsWith('/get_cookie_id')) return;
