@@ -13,6 +13,12 @@
 //! request wrk saw accepted is in the proxy's file sink (or nginx's access log), and stops with
 //! an error when one is missing.
 //!
+//! `--proxy PATH` measures another proxy binary than the one built with the bench (a copy, say,
+//! so that a build running meanwhile cannot replace it). `--baseline PATH` adds another build of the proxy (say, the commit before a change) to every
+//! round, run the same way and interleaved with the others, so its figures come from the same
+//! machine at the same time. `--half-sent N` (default 3000, 0 to skip) measures, once, the
+//! resident memory of each server while N connections each hold half a request head.
+//!
 //! Two layouts: `pinned` (server: 1 thread / 1 worker on CPU 0; wrk: 1 thread on CPU 1) and
 //! `shared` (server: 2 threads / 2 workers, wrk: 2 threads, no pinning).
 
@@ -47,10 +53,17 @@ struct Options {
     connections: usize,
     only: Vec<String>,
     layouts: Vec<Layout>,
+    /// Another proxy binary to measure alongside (`--baseline`).
+    baseline: Option<PathBuf>,
+    /// The proxy binary (`--proxy`; default: the one this bench was built with).
+    proxy: PathBuf,
+    /// Connections with half a request head for the memory measurement (`--half-sent`).
+    half_sent: usize,
 }
 
 const USAGE: &str = "usage: cargo bench --bench throughput -- [--duration SECS] [--rounds N] \
-[--connections N] [--only pixel,json,batch,redirect,passthrough] [--layout pinned|shared|both] [--quick]";
+[--connections N] [--only pixel,json,batch,redirect,passthrough] [--layout pinned|shared|both] \
+[--proxy PATH] [--baseline PATH-TO-ANOTHER-PROXY-BINARY] [--half-sent N] [--quick]";
 
 fn parse_options() -> Options {
     let mut duration = None;
@@ -59,6 +72,9 @@ fn parse_options() -> Options {
     let mut only = Vec::new();
     let mut layouts = vec![Layout::Pinned, Layout::Shared];
     let mut quick = false;
+    let mut baseline = None;
+    let mut proxy = PathBuf::from(PROXY_BIN);
+    let mut half_sent = 3000;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         // `--name value` or `--name=value`.
@@ -78,6 +94,9 @@ fn parse_options() -> Options {
             "--duration" => duration = Some(number(&name, &value())),
             "--rounds" => rounds = Some(number(&name, &value()) as usize),
             "--connections" => connections = number(&name, &value()) as usize,
+            "--baseline" => baseline = Some(PathBuf::from(value())),
+            "--proxy" => proxy = PathBuf::from(value()),
+            "--half-sent" => half_sent = number(&name, &value()) as usize,
             "--only" => only = value().split(',').map(|s| s.trim().to_string()).collect(),
             "--layout" => {
                 layouts = match value().as_str() {
@@ -101,6 +120,9 @@ fn parse_options() -> Options {
         connections,
         only,
         layouts,
+        baseline,
+        proxy,
+        half_sent,
     };
     if options.duration_secs == 0 || options.rounds == 0 || options.connections == 0 {
         fail("--duration, --rounds and --connections must be at least 1");
@@ -176,6 +198,8 @@ impl Buffer {
 enum Target {
     Nginx,
     Proxy(Buffer),
+    /// The `--baseline` binary.
+    Baseline(Buffer),
 }
 
 impl Target {
@@ -183,7 +207,12 @@ impl Target {
         match self {
             Target::Nginx => "nginx".to_string(),
             Target::Proxy(b) => format!("proxy ({})", b.name()),
+            Target::Baseline(b) => format!("baseline ({})", b.name()),
         }
+    }
+
+    fn is_proxy(self) -> bool {
+        !matches!(self, Target::Nginx)
     }
 }
 
@@ -307,9 +336,12 @@ fn variants() -> Vec<Variant> {
 }
 
 impl Variant {
-    fn targets(&self) -> Vec<Target> {
+    fn targets(&self, baseline: bool) -> Vec<Target> {
         let mut targets = vec![Target::Nginx];
         targets.extend(self.buffers.iter().map(|b| Target::Proxy(*b)));
+        if baseline {
+            targets.extend(self.buffers.iter().map(|b| Target::Baseline(*b)));
+        }
         targets
     }
 
@@ -666,6 +698,7 @@ struct Server {
 
 fn start_server(
     tools: &Tools,
+    options: &Options,
     layout: Layout,
     target: Target,
     variant: &Variant,
@@ -699,13 +732,17 @@ fn start_server(
                 logged.then(|| dir.join("access.log")),
             )
         }
-        Target::Proxy(buffer) => {
+        Target::Proxy(buffer) | Target::Baseline(buffer) => {
+            let bin = match (target, &options.baseline) {
+                (Target::Baseline(_), Some(path)) => path.clone(),
+                _ => options.proxy.clone(),
+            };
             fields.push(("THREADS", threads));
             fields.push(("BUFFER", buffer.name().to_string()));
             fields.push(("WRITE_KEY", WRITE_KEY.to_string()));
             let conf_path = dir.join("proxy.yaml");
             fs::write(&conf_path, fill(PROXY_TEMPLATE, &fields)).expect("write proxy.yaml");
-            let mut c = command(tools, layout.server_cpus(), Path::new(PROXY_BIN));
+            let mut c = command(tools, layout.server_cpus(), &bin);
             c.arg("-c").arg(&conf_path).env("RUST_LOG", "warn");
             let logged = variant.records_per_request > 0;
             (
@@ -863,7 +900,15 @@ fn measure(
     let dir = scratch_dir();
     let script = dir.path().join("wrk.lua");
     fs::write(&script, variant.wrk_script()).expect("write wrk script");
-    let mut server = start_server(tools, layout, target, variant, dir.path(), origin_port);
+    let mut server = start_server(
+        tools,
+        options,
+        layout,
+        target,
+        variant,
+        dir.path(),
+        origin_port,
+    );
     probe(&server, variant, target);
 
     let pids = server.process.pids();
@@ -888,7 +933,7 @@ fn measure(
     if let Some(path) = &server.records {
         let per_request = match target {
             Target::Nginx => 1,
-            Target::Proxy(_) => variant.records_per_request,
+            Target::Proxy(_) | Target::Baseline(_) => variant.records_per_request,
         };
         let expected = (ok + 1) * per_request;
         let most = expected + options.connections as u64 * per_request;
@@ -915,10 +960,9 @@ fn measure(
         checked = format!("  records {} ok", thousands(got as f64));
     }
     let cpu = cpu_seconds(tools, &pids) - cpu_before;
-    let peak_rss_mib = match target {
-        Target::Proxy(_) => Some(peak_rss_kib(server.process.pid()) as f64 / 1024.0),
-        Target::Nginx => None,
-    };
+    let peak_rss_mib = target
+        .is_proxy()
+        .then(|| peak_rss_kib(server.process.pid()) as f64 / 1024.0);
     server.process.stop();
 
     let result = RunResult {
@@ -1044,13 +1088,19 @@ fn report(options: &Options, variants: &[Variant], results: &Results) {
             if !results.contains_key(&nginx) {
                 continue;
             }
-            for buffer in &variant.buffers {
-                let proxy = (*layout, v, Target::Proxy(*buffer));
-                let label = if variant.records_per_request > 0 {
+            for target in variant.targets(options.baseline.is_some()) {
+                let (Target::Proxy(buffer) | Target::Baseline(buffer)) = target else {
+                    continue;
+                };
+                let proxy = (*layout, v, target);
+                let mut label = if variant.records_per_request > 0 {
                     format!("{}, {}", variant.label, buffer.name())
                 } else {
                     variant.label.to_string()
                 };
+                if matches!(target, Target::Baseline(_)) {
+                    label.push_str(" [baseline]");
+                }
                 let (proxy_rps, nginx_rps) = (stat(&proxy, |r| r.rps), stat(&nginx, |r| r.rps));
                 rows.push(vec![
                     label.clone(),
@@ -1142,11 +1192,17 @@ fn main() {
     }
     let tools = ensure_tools();
     println!(
-        "throughput: {} s per run, {} round(s), {} connections, {} CPUs; proxy {PROXY_BIN}; {}",
+        "throughput: {} s per run, {} round(s), {} connections, {} CPUs; proxy {}{}; {}",
         options.duration_secs,
         options.rounds,
         options.connections,
         cpus,
+        options.proxy.display(),
+        options
+            .baseline
+            .as_ref()
+            .map(|b| format!(", baseline {}", b.display()))
+            .unwrap_or_default(),
         version(&tools.nginx)
     );
 
@@ -1157,7 +1213,7 @@ fn main() {
         for &v in &selected {
             let variant = &all[v];
             for round in 0..options.rounds {
-                for target in variant.targets() {
+                for target in variant.targets(options.baseline.is_some()) {
                     let result = measure(
                         &tools,
                         &options,
@@ -1177,6 +1233,111 @@ fn main() {
         origin.stop();
     }
     report(&options, &all, &results);
+    if options.half_sent > 0 {
+        half_sent_heads(&tools, &options, &all);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory with half-sent request heads (slowloris)
+
+/// VmRSS of these processes together, in KiB.
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|pid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// For nginx, the proxy and the baseline (pinned layout, disk buffer, the pixel's
+/// configuration): resident memory idle and while `options.half_sent` connections each hold
+/// half a request head; and how many of them the server still holds open after 2 s.
+fn half_sent_heads(tools: &Tools, options: &Options, variants: &[Variant]) {
+    let variant = &variants[0];
+    let origin_dir = scratch_dir();
+    let (mut origin, origin_port) = start_origin(tools, Layout::Pinned, origin_dir.path());
+    let mut targets = vec![Target::Nginx, Target::Proxy(Buffer::Disk)];
+    if options.baseline.is_some() {
+        targets.push(Target::Baseline(Buffer::Disk));
+    }
+    let half = b"GET /postback/v3/event/web/pageviews?td_format=pixel&page=%2F HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow";
+    let mut rows = Vec::new();
+    for target in targets {
+        let dir = scratch_dir();
+        let mut server = start_server(
+            tools,
+            options,
+            Layout::Pinned,
+            target,
+            variant,
+            dir.path(),
+            origin_port,
+        );
+        probe(&server, variant, target);
+        sleep(Duration::from_millis(500));
+        let pids = server.process.pids();
+        let idle = rss_kib(&pids);
+        let addr = SocketAddr::from(([127, 0, 0, 1], server.port));
+        let mut conns = Vec::with_capacity(options.half_sent);
+        for _ in 0..options.half_sent {
+            let Ok(mut c) = TcpStream::connect(addr) else {
+                break;
+            };
+            let _ = c.write_all(half);
+            conns.push(c);
+        }
+        sleep(Duration::from_secs(2));
+        let loaded = rss_kib(&pids);
+        // Still open: a read that would block (nothing came back, no close).
+        let mut open = 0;
+        for c in &conns {
+            c.set_nonblocking(true).ok();
+            let mut byte = [0u8; 1];
+            if matches!((&*c).read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                open += 1;
+            }
+        }
+        drop(conns);
+        server.process.stop();
+        let per = (loaded.saturating_sub(idle)) as f64 / options.half_sent.max(1) as f64;
+        println!(
+            "  half-sent heads  {:<15} RSS idle {:.1} MiB, with {} half-sent heads {:.1} MiB ({per:.1} KiB each), {open} still open",
+            target.name(),
+            idle as f64 / 1024.0,
+            options.half_sent,
+            loaded as f64 / 1024.0,
+        );
+        rows.push(vec![
+            target.name(),
+            format!("{:.1} MiB", idle as f64 / 1024.0),
+            format!("{:.1} MiB", loaded as f64 / 1024.0),
+            format!("{per:.1} KiB"),
+            open.to_string(),
+        ]);
+    }
+    origin.stop();
+    println!(
+        "\nResident memory with {} connections that each sent half a request head (2 s after):\n",
+        options.half_sent
+    );
+    print_table(
+        &[
+            "server",
+            "RSS idle",
+            "RSS with the heads",
+            "per connection",
+            "still open",
+        ],
+        &[false, true, true, true, true],
+        &rows,
+    );
 }
 
 fn version(nginx: &Path) -> String {

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-60}
 sanitizer=${FUZZ_SANITIZER:-address}
-read -r -a targets <<<"${FUZZ_TARGETS:-query route cookie_xff redirect postback frame}"
+read -r -a targets <<<"${FUZZ_TARGETS:-query route cookie_xff redirect postback frame fast_reader}"
 export RUSTC_BOOTSTRAP=1
 export CARGO_TERM_COLOR=never
 if [ "$sanitizer" = address ]; then

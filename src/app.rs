@@ -9,15 +9,18 @@ use std::time::Duration;
 
 use log::info;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 
 use crate::config::{AdminConfig, Config, ListenConfig, Problem, ServerSettings};
 use crate::http::builder::PostbacksBuilder;
+use crate::http::fast::{FastApp, FastSettings};
 use crate::http::postbacks::Postbacks;
 use crate::http::proxy::PostbackProxy;
 use crate::http::tls;
 use crate::http::upstream::{self, HealthCheckService, Upstream, UpstreamConfig};
+use pingora::services::listening::Service;
 
 /// The server's own sections of the file, beside what [`Postbacks`] reads.
 struct ServerParts {
@@ -77,6 +80,12 @@ fn check_server(parts: &ServerParts) -> Result<Vec<SocketAddr>, Vec<Problem>> {
             "server.keepalive_timeout_seconds",
             "must be at least 1",
         ));
+    }
+    if parts.server.header_timeout.0.is_zero() {
+        problems.push(Problem::new("server.header_timeout", "must be more than 0"));
+    }
+    if parts.server.max_connections == 0 {
+        problems.push(Problem::new("server.max_connections", "must be at least 1"));
     }
     if parts.server.threads == 0 {
         problems.push(Problem::new("server.threads", "must be at least 1"));
@@ -166,9 +175,24 @@ impl App {
         let mut server = Server::new_with_opt_and_conf(opt, conf);
         server.bootstrap();
 
-        let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, self.proxy);
+        // The listener service is `FastApp` (the connection limit, then the postback fast path
+        // or Pingora's own loop) in front of Pingora's `HttpProxy`.
+        let fast = s.fast_path;
+        let shared = fast.then(|| FastSettings {
+            postbacks: self.postbacks.clone(),
+            keepalive: Duration::from_secs(s.keepalive_timeout_seconds),
+            header_timeout: s.header_timeout.0,
+        });
+        let pingora_proxy = pingora::proxy::http_proxy(&server.configuration, self.proxy);
+        let app = FastApp::new(pingora_proxy, shared, s.max_connections)?;
+        let mut proxy = Service::new("Pingora HTTP Proxy Service".to_string(), app);
         for l in &self.parts.listen {
             match &l.tls {
+                // The fast path reads into its own buffer: no 64 KiB L4 read buffer per
+                // connection in front of it.
+                None if fast => proxy.add_listener(
+                    ListenerConfig::tcp(&l.address).l4_buffer(L4BufferSettings::default().read(0)),
+                ),
                 None => proxy.add_tcp(&l.address),
                 Some(tls) => {
                     let mut settings = TlsSettings::intermediate(

@@ -21,6 +21,7 @@ use crate::postback::auth::AuthConfig;
 use crate::postback::config::PostbackConfig;
 use crate::postback::route::{default_routes, RouteConfig};
 use crate::sink::SinkConfig;
+use crate::units::HumanDuration;
 
 /// One problem found in the configuration: the dotted path of the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,6 +151,17 @@ pub struct ServerSettings {
     pub work_stealing: bool,
     /// How long an idle keep-alive connection waits for its next request.
     pub keepalive_timeout_seconds: u64,
+    // --- fast path (issue 12; src/http/fast) ---
+    /// The whole request head must arrive within this (from the connection's start, or from the
+    /// first byte of a later request on a keep-alive connection); then the connection is closed.
+    /// Enforced by the fast path's reader (`fast_path: true`).
+    pub header_timeout: HumanDuration,
+    /// Open connections per process (every listener together); beyond it a new connection is
+    /// closed at once and counted in `server_connections_refused_total`.
+    pub max_connections: usize,
+    /// Read every plain HTTP/1.1 connection in our own loop, answer postbacks there and hand
+    /// every other request to Pingora on the same connection; `false`: Pingora reads everything.
+    pub fast_path: bool,
 }
 
 impl Default for ServerSettings {
@@ -166,6 +178,9 @@ impl Default for ServerSettings {
             group: None,
             work_stealing: true,
             keepalive_timeout_seconds: 60,
+            header_timeout: HumanDuration::secs(30),
+            max_connections: 10_000,
+            fast_path: true,
         }
     }
 }
@@ -218,7 +233,7 @@ use crate::delivery::{FsyncPolicy, WhenFull};
 mod tests {
     use super::*;
     use crate::postback::cookie::SecureSetting;
-    use crate::units::{ByteSize, HumanDuration};
+    use crate::units::ByteSize;
 
     #[test]
     fn minimal_file_gets_every_default() {

@@ -178,6 +178,45 @@ pub fn register_sink(sink: &str) {
     BUFFER_WRITE_ERRORS.with_label_values(&[sink]);
 }
 
+// --- connections (issue 12; src/http/fast) ---
+
+/// `server_connections`: connections open now (every listener of the proxy service).
+pub static CONNECTIONS: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!("server_connections", "Connections open now")
+        .expect("metric registers once")
+});
+
+/// `server_connections_refused_total`: connections closed at once because `server.max_connections`
+/// were open.
+pub static CONNECTIONS_REFUSED: Lazy<prometheus::IntCounter> = Lazy::new(|| {
+    prometheus::register_int_counter!(
+        "server_connections_refused_total",
+        "Connections closed at once because server.max_connections were open"
+    )
+    .expect("metric registers once")
+});
+
+/// `server_header_timeouts_total`: connections closed because a request head did not arrive
+/// within `server.header_timeout`.
+pub static HEADER_TIMEOUTS: Lazy<prometheus::IntCounter> = Lazy::new(|| {
+    prometheus::register_int_counter!(
+        "server_header_timeouts_total",
+        "Connections closed because a request head did not arrive within server.header_timeout"
+    )
+    .expect("metric registers once")
+});
+
+/// `fast_path_requests_total{how}`: requests on plain connections read by the fast path:
+/// `answered` there, or `handed_off` to Pingora.
+pub static FAST_PATH_REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "fast_path_requests_total",
+        "Requests read by the fast path: answered there or handed off to Pingora",
+        &["how"]
+    )
+    .expect("metric registers once")
+});
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     use prometheus::Encoder;

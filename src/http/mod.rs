@@ -6,6 +6,7 @@ pub mod admin;
 pub mod body;
 pub mod builder;
 pub mod client_ip;
+pub mod fast;
 pub mod forwarded;
 pub mod live;
 pub mod postbacks;

@@ -157,8 +157,7 @@ impl Postbacks {
             Ok(reply) if reply.status == 204 => (reply, "preflight"),
             Ok(reply) => (reply, "accepted"),
             Err(refusal) => {
-                let path = session.req_header().uri.path();
-                self.live.refused(&route.template, path, &refusal);
+                self.refused(route, session.req_header().uri.path(), &refusal);
                 (Reply::refused(&refusal), refusal.kind.code())
             }
         };
@@ -252,6 +251,19 @@ impl Postbacks {
             Vec::new()
         };
         let request = postback_request(session.req_header(), &body, peer, tls, now);
+        self.deliver(route, database, table, &request).await
+    }
+
+    /// The rules that run after the body is read, the delivery of the records and the live
+    /// view: what Pingora's path and the fast path (`http::fast`) share, so that both give the
+    /// same answer and the same records. `req` carries the whole body.
+    pub(crate) async fn deliver(
+        &self,
+        route: &Route,
+        database: &str,
+        table: &str,
+        req: &PostbackRequest<'_>,
+    ) -> Result<Reply, Refusal> {
         let target = Target {
             database,
             table,
@@ -259,7 +271,7 @@ impl Postbacks {
             privacy: route.privacy.as_ref(),
             enrich: &route.enrich,
         };
-        let outcome = self.postback.handle(target, &request)?;
+        let outcome = self.postback.handle(target, req)?;
         let shown = self.live.render(&route.template, &outcome.records);
         self.delivery
             .accept(&route.sinks, outcome.records)
@@ -272,6 +284,21 @@ impl Postbacks {
             self.live.publish(events);
         }
         Ok(outcome.reply)
+    }
+
+    /// The routes (the fast path decides with them which requests it may answer).
+    pub(crate) fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The postback rules.
+    pub(crate) fn rules(&self) -> &Postback {
+        &self.postback
+    }
+
+    /// Shows a refused postback in the live view (`path` without its query).
+    pub(crate) fn refused(&self, route: &Route, path: &str, refusal: &Refusal) {
+        self.live.refused(&route.template, path, refusal);
     }
 
     /// Writes `reply`, with `Content-Length` and the CORS headers; no body for HEAD.
@@ -343,7 +370,7 @@ impl BackgroundService for DeliveryService {
 }
 
 /// The parts of `req` (and its `body`) the postback rules look at.
-fn postback_request<'a>(
+pub(crate) fn postback_request<'a>(
     req: &'a RequestHeader,
     body: &'a [u8],
     peer: Option<std::net::IpAddr>,

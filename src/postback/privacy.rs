@@ -113,7 +113,9 @@ const KNOWN_BOTS: &[&str] = &[
 #[derive(Clone, Debug)]
 pub struct PrivacyPolicy {
     cfg: PrivacyConfig,
-    bot_needles: Vec<String>,
+    /// The User-Agent needles as one automaton, ASCII case-insensitive (issue 12: one pass over
+    /// the User-Agent instead of lower-casing it and searching it once per needle).
+    bot_needles: aho_corasick::AhoCorasick,
 }
 
 /// What the rules say about one request.
@@ -166,6 +168,15 @@ impl PrivacyPolicy {
                 .iter()
                 .map(|s| s.trim().to_ascii_lowercase()),
         );
+        let bot_needles = aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(&bot_needles)
+            .map_err(|e| {
+                vec![Problem::new(
+                    format!("{field}.bot_user_agents"),
+                    e.to_string(),
+                )]
+            })?;
         Ok(PrivacyPolicy {
             cfg: cfg.clone(),
             bot_needles,
@@ -218,10 +229,13 @@ impl PrivacyPolicy {
         let Some(ua) = headers.get(header::USER_AGENT) else {
             return false;
         };
-        let ua = String::from_utf8_lossy(ua.as_bytes()).to_ascii_lowercase();
-        self.bot_needles
-            .iter()
-            .any(|needle| ua.contains(needle.as_str()))
+        // As before the automaton: the User-Agent as (lossy) UTF-8, ASCII letters folded.
+        match std::str::from_utf8(ua.as_bytes()) {
+            Ok(ua) => self.bot_needles.is_match(ua),
+            Err(_) => self
+                .bot_needles
+                .is_match(String::from_utf8_lossy(ua.as_bytes()).as_ref()),
+        }
     }
 }
 
