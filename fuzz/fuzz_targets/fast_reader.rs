@@ -78,8 +78,15 @@ fuzz_target!(|data: &[u8]| {
     // More bytes after the head change nothing; a strict prefix is partial.
     let mut longer = buf[..head.head_len].to_vec();
     longer.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
-    assert_eq!(parse(&longer, max_body, |_| true), Parsed::Request(head.clone()));
+    assert_eq!(
+        parse(&longer, max_body, |_| true),
+        Parsed::Request(head.clone())
+    );
     for cut in [head.head_len - 1, head.head_len / 2] {
-        assert_eq!(parse(&buf[..cut], max_body, |_| true), Parsed::Partial, "prefix of {cut} bytes");
+        assert_eq!(
+            parse(&buf[..cut], max_body, |_| true),
+            Parsed::Partial,
+            "prefix of {cut} bytes"
+        );
     }
 });
