@@ -2,7 +2,7 @@
 //! (delivery, admin listener) that go with it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use log::{error, warn};
@@ -224,17 +224,8 @@ impl Postbacks {
         route: &Route,
         found: &RouteMatch<'_>,
     ) -> Result<Reply, Refusal> {
-        let (database, table) = match found {
-            RouteMatch::Postback {
-                database, table, ..
-            } => (database.as_str(), table.as_str()),
-            RouteMatch::BadName { message, .. } => {
-                return Err(Refusal::new(ErrorKind::BadRequest, message.clone()))
-            }
-        };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let (database, table) = found.names()?;
+        let now = crate::postback::now_secs();
         let (peer, tls) = (peer_ip(session), is_tls(session));
         if let Some(preflight) = self.postback.check_head(&postback_request(
             session.req_header(),

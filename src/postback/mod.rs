@@ -46,6 +46,13 @@ use redirect::RedirectPolicy;
 use reply::{ErrorKind, Refusal, Reply};
 use route::Format;
 
+/// The receive time of a request: UNIX seconds now.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// What a postback route resolved for a request.
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {

@@ -135,6 +135,21 @@ pub enum RouteMatch<'r> {
     BadName { route: &'r Route, message: String },
 }
 
+impl RouteMatch<'_> {
+    /// The database and table of a match; a name that is not allowed is a 400.
+    pub fn names(&self) -> Result<(&str, &str), super::reply::Refusal> {
+        match self {
+            RouteMatch::Postback {
+                database, table, ..
+            } => Ok((database.as_str(), table.as_str())),
+            RouteMatch::BadName { message, .. } => Err(super::reply::Refusal::new(
+                super::reply::ErrorKind::BadRequest,
+                message.clone(),
+            )),
+        }
+    }
+}
+
 impl PartialEq for Route {
     fn eq(&self, other: &Self) -> bool {
         std::ptr::eq(self, other)

@@ -16,7 +16,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -34,7 +34,7 @@ use super::reader::{self, FastMethod, Head, Parsed};
 use super::FastPath;
 use crate::http::proxy::PostbackProxy;
 use crate::metrics;
-use crate::postback::reply::{ErrorKind, Refusal, Reply};
+use crate::postback::reply::{Refusal, Reply};
 use crate::postback::route::{Route, RouteMatch};
 use crate::postback::PostbackRequest;
 
@@ -345,17 +345,8 @@ impl<'a> Conn<'a> {
         body: &[u8],
     ) -> Result<Reply, Refusal> {
         let fast = self.fast;
-        let (database, table) = match found {
-            RouteMatch::Postback {
-                database, table, ..
-            } => (database.as_str(), table.as_str()),
-            RouteMatch::BadName { message, .. } => {
-                return Err(Refusal::new(ErrorKind::BadRequest, message.clone()))
-            }
-        };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let (database, table) = found.names()?;
+        let now = crate::postback::now_secs();
         let request = PostbackRequest {
             method,
             query,
