@@ -5,7 +5,9 @@
 //! sends `--requests` pixels over 8 keep-alive connections twice: once with no viewer, once with
 //! an `/events/stream` viewer that connected and never reads a byte (its socket buffers fill up
 //! within the first few thousand events). Prints requests/s of both and their ratio, and checks
-//! that every pixel was answered 200 and the viewer's connection is still open.
+//! that every pixel was answered 200, every record reached the sink (each run waits for the
+//! previous run's records to be delivered, so delivery never overlaps a measurement) and the
+//! viewer's connection is still open.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -58,6 +60,12 @@ fn pixels(port: u16, n: usize) {
     }
 }
 
+/// Sends `n` pixels (a warm-up) and returns how many were sent.
+fn round_sent(port: u16, n: usize) -> usize {
+    round(port, n);
+    n / CONNECTIONS * CONNECTIONS
+}
+
 /// Requests/s of `n` pixels spread over [`CONNECTIONS`] connections.
 fn round(port: u16, n: usize) -> f64 {
     let started = Instant::now();
@@ -68,6 +76,22 @@ fn round(port: u16, n: usize) -> f64 {
         t.join().expect("a load thread");
     }
     (n / CONNECTIONS * CONNECTIONS) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Waits until the file sink holds `n` records, so one run's delivery does not overlap the next.
+fn delivered(events: &std::path::Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines = std::fs::read(events).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count());
+        if lines >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {lines} of {n} records reached the sink"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 struct Proxy(Child);
@@ -118,19 +142,25 @@ fn main() {
     );
     wait_listening(port);
     wait_listening(admin);
-    round(port, 2_000); // warm up
+    let events = dir.path().join("events.jsonl");
+    let mut sent = round_sent(port, 2_000); // warm up
+    delivered(&events, sent);
 
     println!("{requests} pixels per run, {CONNECTIONS} connections, {rounds} rounds");
     println!("round  no viewer req/s  stalled viewer req/s  ratio");
     let mut ratios = Vec::new();
     for r in 1..=rounds {
         let alone = round(port, requests);
+        sent += requests / CONNECTIONS * CONNECTIONS;
+        delivered(&events, sent);
         let mut viewer = TcpStream::connect(("127.0.0.1", admin)).expect("connect the viewer");
         viewer
             .write_all(b"GET /events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .expect("ask for the stream");
         // The viewer reads nothing, ever.
         let watched = round(port, requests);
+        sent += requests / CONNECTIONS * CONNECTIONS;
+        delivered(&events, sent);
         viewer.set_nonblocking(true).expect("nonblocking");
         let mut probe = [0u8; 1];
         let open = !matches!(viewer.peek(&mut probe), Ok(0));
