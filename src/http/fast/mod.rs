@@ -2,7 +2,7 @@
 //!
 //! Every connection first passes the connection limit (`server.max_connections`). TLS
 //! connections (HTTP/1.1 and HTTP/2) then go to Pingora whole. A plain connection is read by
-//! [`conn`]: one reused buffer per connection, each request head parsed by [`reader`] under a
+//! `conn`: one reused buffer per connection, each request head parsed by [`reader`] under a
 //! total deadline (`server.header_timeout`). A request in the fast path's strict subset, to a
 //! postback route, is answered here: the same rules, delivery and live view as Pingora's path
 //! (`Postbacks::check_head`-then-`deliver`), and the answer Pingora would write ([`answer`]), in
