@@ -75,6 +75,9 @@ pub struct DiskLog {
     owner: AtomicBool,
     lock_file: File,
     sync_thread: Mutex<Option<JoinHandle<()>>>,
+    /// The thread counting the records a previous run left; joined at close, so that the last
+    /// handle's drop releases the buffer's lock at once.
+    count_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl DiskLog {
@@ -177,6 +180,7 @@ impl DiskLog {
             owner: AtomicBool::new(owner),
             lock_file,
             sync_thread: Mutex::new(None),
+            count_thread: Mutex::new(None),
         })
     }
 
@@ -193,9 +197,10 @@ impl DiskLog {
         }
         if self.owner.load(Ordering::SeqCst) {
             let log = self.clone();
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("count-{}", self.sink))
                 .spawn(move || log.count_recovered(false))?;
+            *lock(&self.count_thread) = Some(handle);
         } else {
             self.start_takeover_thread()?;
         }
@@ -217,6 +222,9 @@ impl DiskLog {
         }
         self.sync_wake.notify_all();
         if let Some(handle) = lock(&self.sync_thread).take() {
+            let _ = handle.join();
+        }
+        if let Some(handle) = lock(&self.count_thread).take() {
             let _ = handle.join();
         }
         self.arrived.notify_one();
