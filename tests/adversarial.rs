@@ -139,27 +139,8 @@ fn exchange(addr: SocketAddr, bytes: &[u8], idle: Duration) -> Exchange {
 }
 
 fn read_answers(stream: &mut TcpStream, idle: Duration) -> Exchange {
-    stream.set_read_timeout(Some(idle)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
     let mut buf = Vec::new();
-    let mut closed = false;
-    let mut chunk = vec![0u8; 64 * 1024];
-    while Instant::now() < deadline {
-        match stream.read(&mut chunk) {
-            Ok(0) => {
-                closed = true;
-                break;
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(_) => {
-                // Reset: closed, with whatever had arrived.
-                closed = true;
-                break;
-            }
-        }
-    }
+    let closed = read_until_quiet(stream, idle, &mut buf);
     let (answers, rest) = parse_answers(&buf);
     Exchange {
         answers,

@@ -538,32 +538,13 @@ fn run(addr: SocketAddr, case: &Case) -> Seen {
         .unwrap();
     let mut all = Vec::new();
     let mut closed = false;
-    let mut chunk = vec![0u8; 64 * 1024];
     for step in &case.steps {
         if closed {
             break;
         }
         let _ = stream.write_all(step);
         // Quiet for 400 ms after the last byte (15 s at most): the answers are in.
-        stream
-            .set_read_timeout(Some(Duration::from_millis(400)))
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            match stream.read(&mut chunk) {
-                Ok(0) => {
-                    closed = true;
-                    break;
-                }
-                Ok(n) => all.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-                Err(_) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
+        closed = read_until_quiet(&mut stream, Duration::from_millis(400), &mut all);
     }
     Seen {
         bytes: mask(&String::from_utf8_lossy(&all)),

@@ -30,7 +30,9 @@ pub use process::{eventually, free_port, Proc};
 #[allow(unused_imports)]
 pub use proxy::{closed_port, Proxy, Settings, HASHED_KEY, KEY, OTHER_KEY};
 #[allow(unused_imports)]
-pub use raw::{request, smuggling_cases, websocket_upgrade, RawConn, RawResponse};
+pub use raw::{
+    read_until_quiet, request, smuggling_cases, websocket_upgrade, RawConn, RawResponse,
+};
 use serde_json::Value;
 
 /// The 43-byte transparent GIF every pixel answer carries: the crate's own constant.

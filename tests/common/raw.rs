@@ -350,3 +350,29 @@ pub fn smuggling_cases(s: &str) -> Vec<(&'static str, Vec<String>, Vec<u8>)> {
     ]);
     cases
 }
+
+/// Reads from `stream` into `out` until it is quiet for `idle` (or 15 s pass); `true` when the
+/// peer closed or reset the connection meanwhile.
+pub fn read_until_quiet(
+    stream: &mut std::net::TcpStream,
+    idle: std::time::Duration,
+    out: &mut Vec<u8>,
+) -> bool {
+    use std::io::{ErrorKind, Read};
+    stream.set_read_timeout(Some(idle)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while std::time::Instant::now() < deadline {
+        match stream.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            // Reset: closed, with whatever had arrived.
+            Err(_) => return true,
+        }
+    }
+    false
+}
