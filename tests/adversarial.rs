@@ -218,19 +218,6 @@ fn parse_answers(mut buf: &[u8]) -> (Vec<Answer>, Vec<u8>) {
     (answers, buf.to_vec())
 }
 
-/// A request head plus body, exactly as given (no header is added but `Host`).
-fn raw(method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-    for h in headers {
-        out.push_str(h);
-        out.push_str("\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
 // ---------------------------------------------------------------------------------------------
 // Checks run after every hostile request.
 
@@ -291,7 +278,7 @@ fn roomy(origin: &Origin) -> Settings {
 fn raw_get(proxy: &Proxy, target: &str) -> Answer {
     let ex = exchange(
         proxy.addr(),
-        &raw("GET", target, &[], b""),
+        &raw_request("GET", target, &[], b""),
         Duration::from_secs(2),
     );
     let mut answers = ex.answers;
@@ -355,7 +342,7 @@ async fn ten_thousand_parameters_are_refused_by_the_url_or_the_column_limit() {
     let long: String = (0..10_000).map(|i| format!("&p{i:05}=v")).collect();
     let ex = exchange(
         proxy.addr(),
-        &raw("GET", &format!("{EV}/web/long?{}{long}", key_q()), &[], b""),
+        &raw_request("GET", &format!("{EV}/web/long?{}{long}", key_q()), &[], b""),
         Duration::from_secs(2),
     );
     ex.assert_refused("a 90 KB request target");
@@ -609,7 +596,7 @@ async fn header_floods_are_refused_or_closed() {
             let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
             let ex = exchange(
                 proxy.addr(),
-                &raw("GET", target, &refs, b""),
+                &raw_request("GET", target, &refs, b""),
                 Duration::from_secs(2),
             );
             eprintln!("{count} headers to {target}: {}", ex.summary());
@@ -623,7 +610,7 @@ async fn header_floods_are_refused_or_closed() {
         let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
         let ex = exchange(
             proxy.addr(),
-            &raw("GET", target, &refs, b""),
+            &raw_request("GET", target, &refs, b""),
             Duration::from_secs(2),
         );
         eprintln!("1.2 MB of headers to {target}: {}", ex.summary());
@@ -637,7 +624,7 @@ async fn header_floods_are_refused_or_closed() {
     let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
     let ex = exchange(
         proxy.addr(),
-        &raw("GET", &pixel, &refs, b""),
+        &raw_request("GET", &pixel, &refs, b""),
         Duration::from_secs(2),
     );
     assert_eq!(ex.answers.len(), 1, "{ex:?}");
@@ -645,7 +632,7 @@ async fn header_floods_are_refused_or_closed() {
     assert_eq!(ex.answers[0].body, PIXEL_GIF);
     let ex = exchange(
         proxy.addr(),
-        &raw("GET", "/app/flood-200k", &refs, b""),
+        &raw_request("GET", "/app/flood-200k", &refs, b""),
         Duration::from_secs(2),
     );
     eprintln!("200 KB of headers upstream: {}", ex.summary());
@@ -685,9 +672,9 @@ async fn slow_clients_do_not_starve_others() {
             std::thread::spawn(move || {
                 let req = if i % 3 == 2 {
                     // A passthrough request.
-                    raw("GET", &format!("/app/slow/{i}"), &[], b"")
+                    raw_request("GET", &format!("/app/slow/{i}"), &[], b"")
                 } else {
-                    raw(
+                    raw_request(
                         "GET",
                         &format!("{EV}/web/slow?td_format=pixel&td_write_key={KEY}&i={i}"),
                         &["User-Agent: slowloris"],
@@ -710,7 +697,7 @@ async fn slow_clients_do_not_starve_others() {
     // Also: a body that never finishes, and a connection that sends nothing at all.
     let mut stalled_body = TcpStream::connect(addr).unwrap();
     stalled_body
-        .write_all(&raw(
+        .write_all(&raw_request(
             "POST",
             &format!("{EV}/web/stalled?{}", key_q()),
             &[
@@ -772,7 +759,7 @@ async fn smuggle_all(proxy: &Proxy, postback: bool, front: impl Fn(usize) -> Str
     let cases = smuggling_cases(&s);
     for (i, (name, headers, body)) in cases.iter().enumerate() {
         let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
-        let mut req = raw("POST", &front(i), &refs, body);
+        let mut req = raw_request("POST", &front(i), &refs, body);
         if *name == "Transfer-Encoding in HTTP/1.0" {
             let at = find(&req, b"HTTP/1.1").unwrap();
             req[at..at + 8].copy_from_slice(b"HTTP/1.0");
@@ -857,7 +844,7 @@ async fn an_unread_body_is_never_parsed_as_a_request() {
         format!("{EV}/web/unread_c?{}&td_format=png", key_q()),
     ];
     for front in &fronts {
-        let req = raw(
+        let req = raw_request(
             "POST",
             front,
             &[
@@ -873,7 +860,7 @@ async fn an_unread_body_is_never_parsed_as_a_request() {
         assert!(ex.answers[0].json()["error"].is_string());
     }
     for method in ["PUT", "DELETE"] {
-        let req = raw(
+        let req = raw_request(
             method,
             &format!("{EV}/web/unread_m?{}", key_q()),
             &[&format!("Content-Length: {}", s.len())],
@@ -886,7 +873,7 @@ async fn an_unread_body_is_never_parsed_as_a_request() {
     // Declared over the limit and then sent anyway.
     let mut big = vec![b'a'; 70 * 1024];
     big.extend_from_slice(s.as_bytes());
-    let req = raw(
+    let req = raw_request(
         "POST",
         &format!("{EV}/web/unread_big?{}", key_q()),
         &[
@@ -929,7 +916,7 @@ async fn a_malformed_chunked_body_closes_the_connection() {
             let mut stream = TcpStream::connect(proxy.addr()).unwrap();
             stream.set_nodelay(true).unwrap();
             stream
-                .write_all(&raw(
+                .write_all(&raw_request(
                     "POST",
                     &target,
                     &[

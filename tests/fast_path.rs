@@ -35,19 +35,6 @@ fn start(fast: bool, origin: &Origin) -> Proxy {
     )
 }
 
-/// A request head plus body, exactly as given (no header is added but `Host`).
-fn raw(method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
-    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-    for h in headers {
-        out.push_str(h);
-        out.push_str("\r\n");
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
 /// A browser's fields, with a returning visitor's global id.
 fn browser() -> Vec<String> {
     vec![
@@ -66,7 +53,7 @@ fn with(extra: &[&str]) -> Vec<String> {
 
 fn get(target: &str, headers: &[String]) -> Vec<u8> {
     let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
-    raw("GET", target, &refs, b"")
+    raw_request("GET", target, &refs, b"")
 }
 
 fn post(target: &str, headers: &[String], content_type: &str, body: &[u8]) -> Vec<u8> {
@@ -76,7 +63,7 @@ fn post(target: &str, headers: &[String], content_type: &str, body: &[u8]) -> Ve
     }
     h.push(format!("Content-Length: {}", body.len()));
     let refs: Vec<&str> = h.iter().map(String::as_str).collect();
-    raw("POST", target, &refs, body)
+    raw_request("POST", target, &refs, body)
 }
 
 fn k() -> String {
@@ -121,7 +108,7 @@ fn corpus() -> Vec<Case> {
             "HEAD pixel",
             vec![{
                 let refs: Vec<&str> = b.iter().map(String::as_str).collect();
-                raw("HEAD", &pixel("t_head"), &refs, b"")
+                raw_request("HEAD", &pixel("t_head"), &refs, b"")
             }],
         ),
         case("json answer", vec![get(&format!("{EV}/web/t_json?{}&a=1", k()), &b)]),
@@ -146,15 +133,15 @@ fn corpus() -> Vec<Case> {
         case("too few segments", vec![get(&format!("{EV}/web"), &b)]),
         case(
             "PUT",
-            vec![raw("PUT", &format!("{EV}/web/t_put?{}", k()), &["Content-Length: 0"], b"")],
+            vec![raw_request("PUT", &format!("{EV}/web/t_put?{}", k()), &["Content-Length: 0"], b"")],
         ),
         case(
             "DELETE",
-            vec![raw("DELETE", &format!("{EV}/web/t_del?{}", k()), &[], b"")],
+            vec![raw_request("DELETE", &format!("{EV}/web/t_del?{}", k()), &[], b"")],
         ),
         case(
             "preflight",
-            vec![raw(
+            vec![raw_request(
                 "OPTIONS",
                 &format!("{EV}/web/t_opt"),
                 &[
@@ -167,7 +154,7 @@ fn corpus() -> Vec<Case> {
         ),
         case(
             "preflight, origin not allowed",
-            vec![raw(
+            vec![raw_request(
                 "OPTIONS",
                 &format!("{EV}/web/t_opt2"),
                 &["Origin: https://evil.example.net"],
@@ -398,7 +385,7 @@ fn corpus() -> Vec<Case> {
         ),
         case(
             "chunked POST",
-            vec![raw(
+            vec![raw_request(
                 "POST",
                 &format!("{EV}/web/t_chunked?{}", k()),
                 &["Transfer-Encoding: chunked", "Content-Type: application/json"],
@@ -408,7 +395,7 @@ fn corpus() -> Vec<Case> {
         ),
         case(
             "malformed chunked POST",
-            vec![raw(
+            vec![raw_request(
                 "POST",
                 &format!("{EV}/web/t_badchunk?{}", k()),
                 &[
@@ -428,15 +415,15 @@ fn corpus() -> Vec<Case> {
         ),
         case(
             "lower-case method",
-            vec![raw("get", &pixel("t_lower"), &[], b"")],
+            vec![raw_request("get", &pixel("t_lower"), &[], b"")],
         ),
         case(
             "two Host fields",
-            vec![raw("GET", &pixel("t_hosts"), &["Host: other"], b"")],
+            vec![raw_request("GET", &pixel("t_hosts"), &["Host: other"], b"")],
         ),
         case(
             "GET with a body",
-            vec![raw("GET", &pixel("t_getbody"), &["Content-Length: 3"], b"abc")],
+            vec![raw_request("GET", &pixel("t_getbody"), &["Content-Length: 3"], b"abc")],
         ),
         case(
             "100 header fields",
@@ -459,7 +446,7 @@ fn corpus() -> Vec<Case> {
         case(
             "websocket upgrade",
             vec![
-                raw(
+                raw_request(
                     "GET",
                     "/ws",
                     &[
@@ -492,7 +479,7 @@ fn corpus() -> Vec<Case> {
                 format!("/app/front/{i}")
             };
             let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
-            let mut req = raw("POST", &front, &refs, &body);
+            let mut req = raw_request("POST", &front, &refs, &body);
             if name == "Transfer-Encoding in HTTP/1.0" {
                 let at = req.windows(8).position(|w| w == b"HTTP/1.1").unwrap();
                 req[at..at + 8].copy_from_slice(b"HTTP/1.0");
@@ -509,7 +496,7 @@ fn corpus() -> Vec<Case> {
         "smuggling after a fast pixel",
         vec![
             get(&pixel("t_before_smuggle"), &b),
-            raw(
+            raw_request(
                 "POST",
                 &format!("{EV}/web/front_ka?{}", k()),
                 &["Content-Length: 5", "Transfer-Encoding: chunked"],

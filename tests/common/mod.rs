@@ -31,7 +31,8 @@ pub use process::{eventually, free_port, Proc};
 pub use proxy::{closed_port, Proxy, Settings, HASHED_KEY, KEY, OTHER_KEY};
 #[allow(unused_imports)]
 pub use raw::{
-    read_until_quiet, request, smuggling_cases, websocket_upgrade, RawConn, RawResponse,
+    raw_request, read_until_quiet, request, smuggling_cases, websocket_upgrade, RawConn,
+    RawResponse,
 };
 use serde_json::Value;
 

@@ -376,3 +376,16 @@ pub fn read_until_quiet(
     }
     false
 }
+
+/// A request head plus body, exactly as given (no header is added but `Host`).
+pub fn raw_request(method: &str, target: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for h in headers {
+        out.push_str(h);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
