@@ -1,7 +1,5 @@
 //! Decoding `application/x-www-form-urlencoded` text: query strings and form bodies.
 
-use std::borrow::Cow;
-
 use percent_encoding::percent_decode;
 
 /// A query string that is not valid UTF-8 once decoded.
@@ -36,19 +34,20 @@ pub fn parse_pairs(input: &[u8]) -> Result<Vec<(String, String)>, QueryError> {
     Ok(pairs)
 }
 
-/// Decodes one name or value.
+/// Decodes one name or value. Most are plain (no `+`, no `%`): those are validated and copied
+/// once; the others are decoded a `+`-separated piece at a time into one buffer of the right size.
 fn decode(raw: &[u8]) -> Result<String, std::string::FromUtf8Error> {
-    let plus_free: Cow<[u8]> = if raw.contains(&b'+') {
-        Cow::Owned(
-            raw.iter()
-                .map(|&b| if b == b'+' { b' ' } else { b })
-                .collect(),
-        )
-    } else {
-        Cow::Borrowed(raw)
-    };
-    let bytes: Vec<u8> = percent_decode(&plus_free).collect();
-    String::from_utf8(bytes)
+    if !raw.iter().any(|&b| b == b'+' || b == b'%') {
+        return String::from_utf8(raw.to_vec());
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, piece) in raw.split(|&b| b == b'+').enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend(percent_decode(piece));
+    }
+    String::from_utf8(out)
 }
 
 #[cfg(test)]
