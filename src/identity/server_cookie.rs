@@ -8,7 +8,7 @@
 //! and listed in `identity.domains` (host-only otherwise).
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method};
+use http::{HeaderMap, Method};
 
 use super::config::ServerCookieConfig;
 use super::{cookie_name, host_name, plausible_id};
@@ -124,14 +124,7 @@ impl ServerCookie {
         if req.assessment.opted_out.is_some() || !req.assessment.identifiers_allowed {
             return (json(200, Bytes::from_static(b"{}")), IdResult::OptedOut);
         }
-        let existing = cookie::find(
-            req.headers
-                .get_all(header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-            &self.cookie,
-        )
-        .filter(|v| plausible_id(v));
+        let existing = cookie::find_in(req.headers, &self.cookie).filter(|v| plausible_id(v));
         let (id, result) = match existing {
             Some(id) => (id.to_owned(), IdResult::Kept),
             None => (cookie::new_global_id(), IdResult::Issued),

@@ -27,7 +27,7 @@ pub mod route;
 
 use std::net::IpAddr;
 
-use http::{header, HeaderMap, Method};
+use http::{HeaderMap, Method};
 
 use crate::config::Problem;
 use crate::http::client_ip::ClientIpPolicy;
@@ -243,14 +243,8 @@ impl Postback {
             (_, Some((_, BotAction::Drop))) => Some("bot"),
             _ => None,
         };
-        let existing = cookie::find(
-            req.headers
-                .get_all(header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-            &self.cookie.name,
-        )
-        .filter(|id| cookie::valid_global_id(id));
+        let existing = cookie::find_in(req.headers, &self.cookie.name)
+            .filter(|id| cookie::valid_global_id(id));
         let identifiers = assessment.identifiers_allowed && dropped.is_none();
         let global_id = match (identifiers, existing) {
             (false, _) => String::new(),
