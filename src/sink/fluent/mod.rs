@@ -278,7 +278,7 @@ impl LogSink for FluentSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::test_support::test_record as record;
+    use crate::sink::test_support::{test_record as record, write};
     use crate::sink::SinkKind;
     use crate::units::HumanDuration;
     use tokio::net::TcpListener;
@@ -557,16 +557,9 @@ mod tests {
                 record("ads", "x", 11, &[("n", "2")]),
                 record("web", "pv", 12, &[("n", "3")]),
             ];
+            assert_eq!(write(&sink, &batch).await.unwrap(), vec![]);
             assert_eq!(
-                sink.write_batch(&Batch::new(&batch, String::new()))
-                    .await
-                    .unwrap(),
-                vec![]
-            );
-            assert_eq!(
-                sink.write_batch(&Batch::new(&batch[1..2], String::new()))
-                    .await
-                    .unwrap(),
+                write(&sink, &batch[1..2]).await.unwrap(),
                 vec![],
                 "the second batch goes over the same connection"
             );
@@ -622,19 +615,11 @@ mod tests {
         let sink = FluentSink::open("f", &config(&address)).unwrap();
         let batch = vec![record("web", "pv", 10, &[("n", "1")])];
         bounded(async {
-            let e = sink
-                .write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap_err();
+            let e = write(&sink, &batch).await.unwrap_err();
             assert!(e.to_string().contains("not-the-chunk"), "{e}");
-            let e = sink
-                .write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap_err();
+            let e = write(&sink, &batch).await.unwrap_err();
             assert!(e.to_string().contains("closed"), "{e}");
-            sink.write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap();
+            write(&sink, &batch).await.unwrap();
             sink.close().await.unwrap();
             task.await.unwrap();
         })
@@ -652,8 +637,7 @@ mod tests {
         cfg.timeout = HumanDuration::millis(200);
         let sink = FluentSink::open("f", &cfg).unwrap();
         bounded(async {
-            let e = sink
-                .write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
+            let e = write(&sink, &[record("web", "pv", 1, &[])])
                 .await
                 .unwrap_err();
             assert!(e.to_string().contains("did not acknowledge"), "{e}");
@@ -680,9 +664,7 @@ mod tests {
         cfg.require_ack = false;
         let sink = FluentSink::open("f", &cfg).unwrap();
         bounded(async {
-            sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
-                .await
-                .unwrap();
+            write(&sink, &[record("web", "pv", 1, &[])]).await.unwrap();
             let first = seen_rx.recv().await.unwrap();
             // Wait until the server's close is visible to the sink's socket.
             loop {
@@ -695,9 +677,7 @@ mod tests {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            sink.write_batch(&Batch::new(&[record("web", "pv", 2, &[])], String::new()))
-                .await
-                .unwrap();
+            write(&sink, &[record("web", "pv", 2, &[])]).await.unwrap();
             let second = seen_rx.recv().await.unwrap();
             task.await.unwrap();
             let V::Array(first) = first else { panic!() };
@@ -719,10 +699,9 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let sink = FluentSink::open("f", &config(&address)).unwrap();
-        let e =
-            bounded(sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new())))
-                .await
-                .unwrap_err();
+        let e = bounded(write(&sink, &[record("web", "pv", 1, &[])]))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("cannot connect"), "{e}");
         // A connect failure is the peer unreachable: the lane marks the sink down.
         assert!(e.is_unreachable(), "{e}");
@@ -731,11 +710,6 @@ mod tests {
             "{:?}",
             sink.peer_down()
         );
-        assert_eq!(
-            bounded(sink.write_batch(&Batch::new(&[], String::new())))
-                .await
-                .unwrap(),
-            vec![]
-        );
+        assert_eq!(bounded(write(&sink, &[])).await.unwrap(), vec![]);
     }
 }
