@@ -42,6 +42,24 @@ impl Problem {
     }
 }
 
+/// Parses each entry of the list `field` with `parse`: the entries it accepts, and a problem
+/// named `field[i]` with its message for each one it refuses. Runs at start-up.
+pub fn parse_list<S, T>(
+    field: &str,
+    entries: &[S],
+    parse: impl Fn(&S) -> Result<T, String>,
+) -> (Vec<T>, Vec<Problem>) {
+    let mut parsed = Vec::new();
+    let mut problems = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        match parse(entry) {
+            Ok(value) => parsed.push(value),
+            Err(message) => problems.push(Problem::new(format!("{field}[{i}]"), message)),
+        }
+    }
+    (parsed, problems)
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "{}: {}", self.field, self.message)

@@ -82,30 +82,46 @@ impl ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct SizeVisitor;
-        impl Visitor<'_> for SizeVisitor {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a size such as 1048064, 64KiB or 16MiB")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("a size must not be negative"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(v).ok_or_else(|| {
-                    E::custom(format!(
-                        "`{v}` is not a size such as 1048064, 64KiB or 16MiB"
-                    ))
-                })
-            }
-        }
-        d.deserialize_any(SizeVisitor)
+        number_or_word(d, "a size such as 1048064, 64KiB or 16MiB", |v| {
+            ByteSize::parse(v).ok_or_else(|| {
+                if v.starts_with('-') {
+                    "a size must not be negative".to_string()
+                } else {
+                    format!("`{v}` is not a size such as 1048064, 64KiB or 16MiB")
+                }
+            })
+        })
     }
+}
+
+/// Deserializes a value the file may write as a number or as a word (`acks: 1`, `acks: all`): a
+/// number reaches `parse` as its decimal text. `expecting` names what is wanted; the message
+/// `parse` refuses with is the error.
+pub(crate) fn number_or_word<'de, D: Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    struct WordVisitor<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<T, String>,
+    }
+    impl<T> Visitor<'_> for WordVisitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            self.visit_str(&v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            self.visit_str(&v.to_string())
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            (self.parse)(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(WordVisitor { expecting, parse })
 }
 
 /// Checks an address written `host:port`: a non-empty host name or IPv4 address, or an IPv6 address
@@ -149,6 +165,19 @@ mod tests {
         assert_eq!(ByteSize::parse("KiB"), None);
         assert_eq!(ByteSize::parse("-1"), None);
         assert_eq!(ByteSize::parse("99999999999999999999GiB"), None);
+    }
+
+    #[test]
+    fn sizes_from_yaml() {
+        let s: Vec<ByteSize> = serde_saphyr::from_str("[1048064, 64KiB]").unwrap();
+        assert_eq!(s, vec![ByteSize(1_048_064), ByteSize::kib(64)]);
+        let negative: Result<ByteSize, _> = serde_saphyr::from_str("-1");
+        assert!(negative
+            .unwrap_err()
+            .to_string()
+            .contains("must not be negative"));
+        let bad: Result<ByteSize, _> = serde_saphyr::from_str("lots");
+        assert!(bad.unwrap_err().to_string().contains("not a size"));
     }
 
     #[test]

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::browser::{browser_dir, chromium_or_fail, spawn_node};
 use common::proxy::{server_yaml, web_key_yaml, TestPki, TlsFiles};
-use common::server::{header_pairs, Server};
-use common::Proxy;
+use common::server::Server;
+use common::{Proxy, Recorded};
 use http_body_util::Full;
 use hyper::{Request, Response};
 use serde_json::Value;
@@ -39,19 +39,11 @@ const KEY: &str = "7/browser-test-write-key";
 /// How long the browser run may take in all (launch, two page loads, shutdown).
 const DRIVER_LIMIT: Duration = Duration::from_secs(120);
 
-/// One request the origin served.
-#[derive(Clone, Debug)]
-struct Served {
-    method: String,
-    uri: String,
-    headers: BTreeMap<String, String>,
-}
-
 /// The site behind the proxy: a real HTTP/1.1 server serving the test page at `/landing.html`
 /// and `/shop/item.html`, the identity page at `/identity.html`, the SDK at
 /// `/vendor/td-js-sdk/td.min.js`, and 404 for anything else.
 struct Site {
-    served: Arc<Mutex<Vec<Served>>>,
+    served: Arc<Mutex<Vec<Recorded>>>,
     server: Server,
 }
 
@@ -78,14 +70,10 @@ impl Site {
         page: &str,
         identity: &str,
         sdk: &Bytes,
-        log: &Mutex<Vec<Served>>,
+        log: &Mutex<Vec<Recorded>>,
         req: Request<hyper::body::Incoming>,
     ) -> Response<Full<Bytes>> {
-        log.lock().unwrap().push(Served {
-            method: req.method().to_string(),
-            uri: req.uri().to_string(),
-            headers: header_pairs(req.headers()).into_iter().collect(),
-        });
+        log.lock().unwrap().push(Recorded::head(&req));
         let (status, content_type, body) = match req.uri().path() {
             path @ ("/landing.html" | "/shop/item.html") => (
                 200,
@@ -108,7 +96,7 @@ impl Site {
             .unwrap()
     }
 
-    fn served(&self) -> Vec<Served> {
+    fn served(&self) -> Vec<Recorded> {
         self.served.lock().unwrap().clone()
     }
 }
@@ -454,17 +442,8 @@ fn chromium_pixel_beacon_and_td_js_sdk_through_the_proxy() {
         .find(|s| s.uri == "/landing.html?load=1")
         .unwrap();
     assert_eq!(page_request.method, "GET");
-    assert_eq!(
-        page_request.headers.get("user-agent").map(String::as_str),
-        Some(ua.as_str())
-    );
-    assert_eq!(
-        page_request
-            .headers
-            .get("x-forwarded-proto")
-            .map(String::as_str),
-        Some("https")
-    );
+    assert_eq!(page_request.header("user-agent"), Some(ua.as_str()));
+    assert_eq!(page_request.header("x-forwarded-proto"), Some("https"));
 
     // The records: eight, two per table (one per page load), all in the database `web`.
     let records = proxy.records(8);

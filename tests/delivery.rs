@@ -9,10 +9,8 @@ use std::time::Duration;
 
 use common::collector::{Collector, Received};
 use common::proxy::{free_port, tear_newest_segment};
-use common::{client, Origin, Proxy, Settings, KEY};
+use common::{client, Origin, Proxy, Settings, KEY, WAIT};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// Harness settings with the disk buffer and an `http` sink posting to `127.0.0.1:collector_port`.
 fn http_settings(origin: &Origin, collector_port: u16, gzip: bool) -> Settings {

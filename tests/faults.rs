@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::collector::{Collector, Received};
 use common::proxy::free_port;
-use common::{client, get, send, Origin, Proxy, Settings, KEY};
+use common::{client, get, send, Origin, Proxy, Settings, KEY, WAIT};
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// The URL path of pixel number `n`.
 fn pixel(n: usize) -> String {

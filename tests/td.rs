@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{client, now, Origin, Proxy, Settings, KEY};
+use common::{client, now, Origin, Proxy, Settings, KEY, WAIT};
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -22,7 +22,6 @@ use serde_json::Value;
 
 /// The API key of the test configuration.
 const TD_KEY: &str = "1/td-test-key-0123456789";
-const WAIT: Duration = Duration::from_secs(60);
 
 /// One import request as the stand-in saw it.
 #[derive(Clone, Debug)]

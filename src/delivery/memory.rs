@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use super::DeliveryError;
 use crate::metrics;
 use crate::record::Record;
-use crate::sync::lock;
+use crate::sync::{lock, sub_saturating};
 
 struct State {
     records: VecDeque<(Instant, Record)>,
@@ -138,16 +138,8 @@ impl MemoryQueue {
     /// The `n` records taken last were delivered or given up: lowers the counts.
     pub fn done(&self, n: usize) {
         let bytes = std::mem::take(&mut lock(&self.state).taken_bytes);
-        let _ = self
-            .waiting
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                Some(w.saturating_sub(n as u64))
-            });
-        let _ = self
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_sub(bytes))
-            });
+        sub_saturating(&self.waiting, n as u64);
+        sub_saturating(&self.bytes, bytes);
         metrics::QUEUE_RECORDS
             .with_label_values(&[&self.sink])
             .sub(n as i64);

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::config::Problem;
+use crate::config::{parse_list, Problem};
 
 /// `client_ip:`: who the client is, for `td_ip`, rate limits and the `X-Forwarded-For` sent upstream.
 #[derive(Debug, Default, Deserialize)]
@@ -27,17 +27,11 @@ pub struct ClientIpPolicy {
 impl ClientIpPolicy {
     /// Builds the policy from `client_ip:`; a bad CIDR names its index.
     pub fn from_config(cfg: &ClientIpConfig) -> Result<Self, Vec<Problem>> {
-        let mut trusted = Vec::new();
-        let mut problems = Vec::new();
-        for (i, text) in cfg.trusted_proxies.iter().enumerate() {
-            match parse_net(text) {
-                Some(net) => trusted.push(net),
-                None => problems.push(Problem::new(
-                    format!("client_ip.trusted_proxies[{i}]"),
-                    format!("`{text}` is not an IP address or CIDR block"),
-                )),
-            }
-        }
+        let (trusted, problems) =
+            parse_list("client_ip.trusted_proxies", &cfg.trusted_proxies, |text| {
+                parse_net(text)
+                    .ok_or_else(|| format!("`{text}` is not an IP address or CIDR block"))
+            });
         if problems.is_empty() {
             Ok(ClientIpPolicy {
                 trusted,

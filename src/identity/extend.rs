@@ -114,13 +114,7 @@ impl CookieExtension {
         }
         let mut out = Vec::new();
         for c in &self.cookies {
-            let value = cookie::find(
-                page.request
-                    .get_all(header::COOKIE)
-                    .iter()
-                    .map(|v| v.as_bytes()),
-                &c.name,
-            );
+            let value = cookie::find_in(page.request, &c.name);
             let Some(value) = value.filter(|v| plausible_id(v)) else {
                 continue;
             };

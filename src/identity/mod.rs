@@ -14,7 +14,7 @@ pub mod config;
 pub mod extend;
 pub mod server_cookie;
 
-use crate::config::Problem;
+use crate::config::{parse_list, Problem};
 use config::IdentityConfig;
 use extend::CookieExtension;
 use server_cookie::ServerCookie;
@@ -30,17 +30,9 @@ pub struct Identity {
 impl Identity {
     /// Checks `identity:`; every problem names its field. Runs once at start-up.
     pub fn from_config(cfg: &IdentityConfig) -> Result<Identity, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut domains = Vec::new();
-        for (i, d) in cfg.domains.iter().enumerate() {
-            match host_name(d) {
-                Some(d) => domains.push(d),
-                None => problems.push(Problem::new(
-                    format!("identity.domains[{i}]"),
-                    "must be a host name such as example.com",
-                )),
-            }
-        }
+        let (domains, mut problems) = parse_list("identity.domains", &cfg.domains, |d| {
+            host_name(d).ok_or_else(|| "must be a host name such as example.com".to_string())
+        });
         let extension = CookieExtension::from_config(cfg).map_err(|p| problems.extend(p));
         let server_cookie = match cfg.server_cookie.enabled {
             false => Ok(None),

@@ -8,7 +8,7 @@
 //! and listed in `identity.domains` (host-only otherwise).
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method};
+use http::{HeaderMap, Method};
 
 use super::config::ServerCookieConfig;
 use super::{cookie_name, host_name, plausible_id};
@@ -124,14 +124,7 @@ impl ServerCookie {
         if req.assessment.opted_out.is_some() || !req.assessment.identifiers_allowed {
             return (json(200, Bytes::from_static(b"{}")), IdResult::OptedOut);
         }
-        let existing = cookie::find(
-            req.headers
-                .get_all(header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-            &self.cookie,
-        )
-        .filter(|v| plausible_id(v));
+        let existing = cookie::find_in(req.headers, &self.cookie).filter(|v| plausible_id(v));
         let (id, result) = match existing {
             Some(id) => (id.to_owned(), IdResult::Kept),
             None => (cookie::new_global_id(), IdResult::Issued),
@@ -229,6 +222,15 @@ mod tests {
         })
     }
 
+    fn get(
+        e: &ServerCookie,
+        query: &str,
+        host: &str,
+        headers: &[(&'static str, &str)],
+    ) -> (Reply, IdResult) {
+        ask(e, Method::GET, query, host, headers)
+    }
+
     fn set_cookie(r: &Reply) -> Option<&str> {
         r.headers
             .iter()
@@ -239,13 +241,7 @@ mod tests {
     #[test]
     fn issues_a_new_id_and_keeps_a_valid_one() {
         let e = endpoint();
-        let (r, result) = ask(
-            &e,
-            Method::GET,
-            "cookie_domain=example.com&r=1",
-            "www.example.com",
-            &[],
-        );
+        let (r, result) = get(&e, "cookie_domain=example.com&r=1", "www.example.com", &[]);
         assert_eq!((r.status, result), (200, IdResult::Issued));
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         let id = body["td_ssc_id"].as_str().unwrap();
@@ -259,9 +255,8 @@ mod tests {
             .headers
             .contains(&("Content-Type", "application/json".into())));
 
-        let (r, result) = ask(
+        let (r, result) = get(
             &e,
-            Method::GET,
             "r=2",
             "www.example.com",
             &[("cookie", "_td_ssc_id=mine-1")],
@@ -272,13 +267,7 @@ mod tests {
             set_cookie(&r).unwrap(),
             "_td_ssc_id=mine-1; Max-Age=63072000; Path=/; SameSite=Lax"
         );
-        let (_, result) = ask(
-            &e,
-            Method::GET,
-            "",
-            "a.b",
-            &[("cookie", "_td_ssc_id=bad value")],
-        );
+        let (_, result) = get(&e, "", "a.b", &[("cookie", "_td_ssc_id=bad value")]);
         assert_eq!(result, IdResult::Issued);
     }
 
@@ -286,7 +275,7 @@ mod tests {
     fn the_domain_only_when_listed_and_covering_the_host() {
         let e = endpoint();
         let domain = |query: &str, host: &str| {
-            let (r, _) = ask(&e, Method::GET, query, host, &[]);
+            let (r, _) = get(&e, query, host, &[]);
             set_cookie(&r)
                 .unwrap()
                 .split("; ")
@@ -319,7 +308,7 @@ mod tests {
     #[test]
     fn opted_out_visitors_and_other_methods() {
         let e = endpoint();
-        let (r, result) = ask(&e, Method::GET, "", "example.com", &[("sec-gpc", "1")]);
+        let (r, result) = get(&e, "", "example.com", &[("sec-gpc", "1")]);
         assert_eq!((r.status, result), (200, IdResult::OptedOut));
         assert_eq!(&r.body[..], b"{}");
         assert_eq!(set_cookie(&r), None);

@@ -2,10 +2,12 @@
 
 use std::fmt;
 
+use http::{header, HeaderMap};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
 use crate::config::Problem;
+use crate::identity::cookie_name;
 use crate::units::HumanDuration;
 
 /// `SameSite` of the global-id cookie.
@@ -101,6 +103,14 @@ pub fn find<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&
     None
 }
 
+/// Finds the first cookie called `name` in the `Cookie` headers of `headers`.
+pub fn find_in<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    find(
+        headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
+        name,
+    )
+}
+
 /// `true` for a global id we accept back from a cookie: 1 to 64 of `A-Z a-z 0-9 - _ .`.
 /// Anything else is treated as no cookie, and a fresh id is issued.
 pub fn valid_global_id(id: &str) -> bool {
@@ -130,12 +140,7 @@ impl GlobalIdCookie {
     /// Builds the writer from `postback.global_id`.
     pub fn from_config(cfg: &GlobalIdConfig) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();
-        let token = |s: &str| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
-        };
-        if !token(&cfg.cookie) {
+        if !cookie_name(&cfg.cookie) {
             problems.push(Problem::new(
                 "postback.global_id.cookie",
                 "must be a cookie name token",

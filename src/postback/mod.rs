@@ -27,7 +27,7 @@ pub mod route;
 
 use std::net::IpAddr;
 
-use http::{header, HeaderMap, Method};
+use http::{HeaderMap, Method};
 
 use crate::config::Problem;
 use crate::http::client_ip::ClientIpPolicy;
@@ -243,14 +243,8 @@ impl Postback {
             (_, Some((_, BotAction::Drop))) => Some("bot"),
             _ => None,
         };
-        let existing = cookie::find(
-            req.headers
-                .get_all(header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-            &self.cookie.name,
-        )
-        .filter(|id| cookie::valid_global_id(id));
+        let existing = cookie::find_in(req.headers, &self.cookie.name)
+            .filter(|id| cookie::valid_global_id(id));
         let identifiers = assessment.identifiers_allowed && dropped.is_none();
         let global_id = match (identifiers, existing) {
             (false, _) => String::new(),
@@ -378,6 +372,12 @@ mod tests {
         enrich: &[],
     };
 
+    /// The headers of a JSON body with the write key.
+    const JSON_WITH_KEY: [(&str, &str); 2] = [
+        ("content-type", "application/json"),
+        ("x-td-write-key", "KEY"),
+    ];
+
     fn get(
         p: &Postback,
         query: &str,
@@ -400,16 +400,32 @@ mod tests {
         p.handle(
             TARGET,
             &PostbackRequest {
-                method: &method,
                 query: Some(query),
                 url_len: query.len(),
-                headers: &map,
                 body,
                 peer: Some("10.0.0.1".parse().unwrap()),
-                tls: false,
-                now: NOW,
+                ..head(&method, &map)
             },
         )
+    }
+
+    /// A request with no query, no body and no peer, as `check_head` sees it.
+    fn head<'a>(method: &'a Method, headers: &'a HeaderMap) -> PostbackRequest<'a> {
+        PostbackRequest {
+            method,
+            query: None,
+            url_len: 1,
+            headers,
+            body: b"",
+            peer: None,
+            tls: false,
+            now: NOW,
+        }
+    }
+
+    /// What a refused request was refused as.
+    fn kind(r: Result<Outcome, Refusal>) -> ErrorKind {
+        r.unwrap_err().kind
     }
 
     fn columns(o: &Outcome) -> Vec<(String, String)> {
@@ -426,9 +442,8 @@ mod tests {
 
     #[test]
     fn pixel_with_columns_and_placeholders() {
-        let p = postback("");
         let o = get(
-            &p,
+            &postback(""),
             "td_format=pixel&td_write_key=KEY&page=%2Fhome&td_ip=td_ip&td_ua=td_ua&td_global_id=td_global_id&time=5&a=1&a=2",
             &[("user-agent", "Mozilla/5.0 (X11)"), ("x-forwarded-for", "203.0.113.7"), ("cookie", "_td_global=gid-1")],
         )
@@ -495,24 +510,18 @@ mod tests {
     #[test]
     fn refusals() {
         let p = postback("");
-        let kind = |r: Result<Outcome, Refusal>| r.unwrap_err().kind;
-        assert_eq!(kind(get(&p, "page=x", &[])), ErrorKind::Forbidden);
-        assert_eq!(
-            kind(get(&p, "td_write_key=nope", &[])),
-            ErrorKind::Forbidden
-        );
-        assert_eq!(
-            kind(get(&p, "td_write_key=KEY&td_format=png", &[])),
-            ErrorKind::BadRequest
-        );
-        assert_eq!(
-            kind(get(&p, "td_write_key=KEY&a=%FF", &[])),
-            ErrorKind::BadRequest
-        );
-        assert_eq!(
-            kind(get(&p, "td_write_key=KEY&a=1&b=2&c=3&d=4&e=5&f=6&g=7", &[])),
-            ErrorKind::PayloadTooLarge
-        );
+        for (query, want) in [
+            ("page=x", ErrorKind::Forbidden),
+            ("td_write_key=nope", ErrorKind::Forbidden),
+            ("td_write_key=KEY&td_format=png", ErrorKind::BadRequest),
+            ("td_write_key=KEY&a=%FF", ErrorKind::BadRequest),
+            (
+                "td_write_key=KEY&a=1&b=2&c=3&d=4&e=5&f=6&g=7",
+                ErrorKind::PayloadTooLarge,
+            ),
+        ] {
+            assert_eq!(kind(get(&p, query, &[])), want, "{query}");
+        }
         assert!(get(&p, "td_write_key=KEY&a=1&b=2&c=3&d=4&e=5&f=6&a=7", &[]).is_ok());
         let err = get(&p, "td_write_key=SECRETKEY", &[]).unwrap_err();
         assert!(!err.message.contains("SECRETKEY"));
@@ -524,9 +533,7 @@ mod tests {
         assert!(get(&p, "td_write_key=nope", &[("x-td-write-key", "KEY")]).is_ok());
         assert!(get(&p, "td_write_key=nope", &[("authorization", "TD1 KEY")]).is_ok());
         assert_eq!(
-            get(&p, "td_write_key=KEY", &[("x-td-write-key", "nope")])
-                .unwrap_err()
-                .kind,
+            kind(get(&p, "td_write_key=KEY", &[("x-td-write-key", "nope")])),
             ErrorKind::Forbidden
         );
     }
@@ -546,27 +553,18 @@ mod tests {
             Some("https://example.com/land?uid=abc")
         );
         assert!(o.reply.body.is_empty());
-        let err = get(
-            &p,
-            "td_write_key=KEY&td_redirect=https%3A%2F%2Fevil.net%2F",
-            &[],
-        )
-        .unwrap_err();
-        assert_eq!(err.kind, ErrorKind::BadRequest);
+        let evil = "td_write_key=KEY&td_redirect=https%3A%2F%2Fevil.net%2F";
+        assert_eq!(kind(get(&p, evil, &[])), ErrorKind::BadRequest);
     }
 
     #[test]
     fn post_bodies() {
         let p = postback("");
-        let json = [
-            ("content-type", "application/json"),
-            ("x-td-write-key", "KEY"),
-        ];
         let o = request(
             &p,
             Method::POST,
             "",
-            &json,
+            &JSON_WITH_KEY,
             br#"{"page":"/a","n":3,"ok":true,"nested":{"x":[1]},"none":null,"td_write_key":"KEY"}"#,
         )
         .unwrap();
@@ -582,7 +580,7 @@ mod tests {
         );
         for body in [&b"[1]"[..], b"{", b"\"s\""] {
             assert_eq!(
-                request(&p, Method::POST, "", &json, body).unwrap_err().kind,
+                kind(request(&p, Method::POST, "", &JSON_WITH_KEY, body)),
                 ErrorKind::BadRequest
             );
         }
@@ -602,9 +600,7 @@ mod tests {
         assert_eq!(o.reply.headers[1].1, "image/gif");
         let other = [("content-type", "text/xml"), ("x-td-write-key", "KEY")];
         assert_eq!(
-            request(&p, Method::POST, "", &other, b"<a/>")
-                .unwrap_err()
-                .kind,
+            kind(request(&p, Method::POST, "", &other, b"<a/>")),
             ErrorKind::UnsupportedMediaType
         );
     }
@@ -620,8 +616,8 @@ mod tests {
         };
         let h = |enc: &'static str| {
             [
-                ("content-type", "application/json"),
-                ("x-td-write-key", "KEY"),
+                JSON_WITH_KEY[0],
+                JSON_WITH_KEY[1],
                 ("content-encoding", enc),
             ]
         };
@@ -632,32 +628,18 @@ mod tests {
         let o = request(&p, Method::POST, "", &h("deflate"), &z.finish().unwrap()).unwrap();
         assert_eq!(columns(&o), [("page".to_string(), "/d".to_string())]);
         let big = format!(r#"{{"page":"{}"}}"#, "a".repeat(300));
-        let kind = |enc, body: &[u8]| {
-            request(&p, Method::POST, "", &h(enc), body)
-                .unwrap_err()
-                .kind
-        };
+        let refused = |enc, body: &[u8]| kind(request(&p, Method::POST, "", &h(enc), body));
         assert_eq!(
-            kind("gzip", &gzip(big.as_bytes())),
+            refused("gzip", &gzip(big.as_bytes())),
             ErrorKind::PayloadTooLarge
         );
-        assert_eq!(kind("gzip", b"{\"page\":1}"), ErrorKind::BadRequest);
-        assert_eq!(kind("br", b"{}"), ErrorKind::UnsupportedMediaType);
+        assert_eq!(refused("gzip", b"{\"page\":1}"), ErrorKind::BadRequest);
+        assert_eq!(refused("br", b"{}"), ErrorKind::UnsupportedMediaType);
         // Unknown encodings are refused before the body is read.
         let mut map = HeaderMap::new();
         map.insert("content-encoding", "br".parse().unwrap());
-        let head = PostbackRequest {
-            method: &Method::POST,
-            query: None,
-            url_len: 1,
-            headers: &map,
-            body: b"",
-            peer: None,
-            tls: false,
-            now: NOW,
-        };
         assert_eq!(
-            p.check_head(&head).unwrap_err().kind,
+            p.check_head(&head(&Method::POST, &map)).unwrap_err().kind,
             ErrorKind::UnsupportedMediaType
         );
     }
@@ -687,18 +669,12 @@ mod tests {
         assert_eq!(o.records[1].body.columns.len(), 1);
         let o = request(&p, Method::POST, "", &h, br#"{"events":[]}"#).unwrap();
         assert!(o.records.is_empty());
-        assert_eq!(
-            request(&p, Method::POST, "", &h, br#"{"events":[1]}"#)
-                .unwrap_err()
-                .kind,
-            ErrorKind::BadRequest
-        );
-        assert_eq!(
-            request(&p, Method::POST, "", &h, br#"{"e":[]}"#)
-                .unwrap_err()
-                .kind,
-            ErrorKind::BadRequest
-        );
+        for body in [&br#"{"events":[1]}"#[..], br#"{"e":[]}"#] {
+            assert_eq!(
+                kind(request(&p, Method::POST, "", &h, body)),
+                ErrorKind::BadRequest
+            );
+        }
     }
 
     #[test]
@@ -733,15 +709,13 @@ mod tests {
     #[test]
     fn bots_are_flagged_or_dropped_and_ip_anonymized_per_route() {
         let p = postback("");
-        let o = get(
-            &p,
-            "td_write_key=KEY&a=1",
-            &[("user-agent", "Googlebot/2.1")],
-        )
-        .unwrap();
-        assert_eq!(o.records[0].body.columns["td_bot"], "user_agent");
-        let o = get(&p, "td_write_key=KEY&a=1", &[("purpose", "prefetch")]).unwrap();
-        assert_eq!(o.records[0].body.columns["td_bot"], "prefetch");
+        for (header, flag) in [
+            (("user-agent", "Googlebot/2.1"), "user_agent"),
+            (("purpose", "prefetch"), "prefetch"),
+        ] {
+            let o = get(&p, "td_write_key=KEY&a=1", &[header]).unwrap();
+            assert_eq!(o.records[0].body.columns["td_bot"], flag);
+        }
 
         let cfg: crate::postback::privacy::PrivacyConfig =
             serde_saphyr::from_str("{bots: drop, anonymize_ip: true}").unwrap();
@@ -753,14 +727,10 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert("user-agent", "Googlebot/2.1".parse().unwrap());
         let req = |headers| PostbackRequest {
-            method: &Method::GET,
             query: Some("td_write_key=KEY&td_ip=td_ip"),
             url_len: 27,
-            headers,
-            body: b"",
             peer: Some("203.0.113.7".parse().unwrap()),
-            tls: false,
-            now: NOW,
+            ..head(&Method::GET, headers)
         };
         assert!(p.handle(target, &req(&map)).unwrap().records.is_empty());
         let o = p.handle(target, &req(&HeaderMap::new())).unwrap();
@@ -773,23 +743,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("origin", "https://www.example.com".parse().unwrap());
         assert_eq!(p.cors_headers(&h)[0].1, "https://www.example.com");
-        fn options(h: &HeaderMap) -> PostbackRequest<'_> {
-            PostbackRequest {
-                method: &Method::OPTIONS,
-                query: None,
-                url_len: 1,
-                headers: h,
-                body: b"",
-                peer: None,
-                tls: false,
-                now: NOW,
-            }
-        }
-        assert_eq!(p.check_head(&options(&h)).unwrap().unwrap().status, 204);
+        assert_eq!(
+            p.check_head(&head(&Method::OPTIONS, &h))
+                .unwrap()
+                .unwrap()
+                .status,
+            204
+        );
         h.insert("origin", "https://evil.net".parse().unwrap());
         assert!(p.cors_headers(&h).is_empty());
         assert_eq!(
-            p.check_head(&options(&h)).unwrap_err().kind,
+            p.check_head(&head(&Method::OPTIONS, &h)).unwrap_err().kind,
             ErrorKind::Forbidden
         );
     }

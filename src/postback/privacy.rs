@@ -192,12 +192,7 @@ impl PrivacyPolicy {
                 .get(name)
                 .is_some_and(|v| v.as_bytes().trim_ascii() == b"1")
         };
-        let cookie = |name: &str| {
-            cookie::find(
-                headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
-                name,
-            )
-        };
+        let cookie = |name: &str| cookie::find_in(headers, name);
         let opted_out = (self.cfg.honor_dnt && header_is_1("dnt"))
             || (self.cfg.honor_gpc && header_is_1("sec-gpc"))
             || self

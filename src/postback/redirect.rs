@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use url::{Host, Url};
 
-use crate::config::Problem;
+use crate::config::{parse_list, Problem};
 
 /// `postback.redirect:`.
 #[derive(Debug, Default, Deserialize)]
@@ -42,27 +42,25 @@ pub struct RedirectPolicy {
 impl RedirectPolicy {
     /// Builds the allow-list from `postback.redirect`; an empty list refuses every redirect.
     pub fn from_config(cfg: &RedirectConfig) -> Result<Self, Vec<Problem>> {
-        let mut allowed = Vec::new();
-        let mut problems = Vec::new();
-        for (i, raw) in cfg.allowed_hosts.iter().enumerate() {
-            let lower = raw.trim().to_ascii_lowercase();
-            let (pattern, host) = match lower.strip_prefix("*.") {
-                Some(rest) => (HostPattern::Subdomains(rest.to_owned()), rest.to_owned()),
-                None => (HostPattern::Exact(lower.clone()), lower.clone()),
-            };
-            if host.is_empty()
-                || !host.bytes().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']')
-                })
-            {
-                problems.push(Problem::new(
-                    format!("postback.redirect.allowed_hosts[{i}]"),
-                    format!("`{raw}` is not a host name or `*.` pattern"),
-                ));
-                continue;
-            }
-            allowed.push(pattern);
-        }
+        let (allowed, problems) = parse_list(
+            "postback.redirect.allowed_hosts",
+            &cfg.allowed_hosts,
+            |raw| {
+                let lower = raw.trim().to_ascii_lowercase();
+                let (pattern, host) = match lower.strip_prefix("*.") {
+                    Some(rest) => (HostPattern::Subdomains(rest.to_owned()), rest.to_owned()),
+                    None => (HostPattern::Exact(lower.clone()), lower.clone()),
+                };
+                if host.is_empty()
+                    || !host.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']')
+                    })
+                {
+                    return Err(format!("`{raw}` is not a host name or `*.` pattern"));
+                }
+                Ok(pattern)
+            },
+        );
         if problems.is_empty() {
             Ok(RedirectPolicy { allowed })
         } else {

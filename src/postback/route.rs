@@ -355,8 +355,9 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn route(path: &str, database: Option<&str>) -> Route {
-        let cfg = RouteConfig {
+    /// A route to the sink `main` with this `path` and `database`.
+    fn config(path: &str, database: Option<&str>) -> RouteConfig {
+        RouteConfig {
             path: path.into(),
             database: database.map(Into::into),
             table: None,
@@ -364,8 +365,11 @@ mod tests {
             sink: SinkNames::One("main".into()),
             privacy: None,
             enrich: Vec::new(),
-        };
-        Route::compile(&cfg, vec![0], "routes[0]").unwrap()
+        }
+    }
+
+    fn route(path: &str, database: Option<&str>) -> Route {
+        Route::compile(&config(path, database), vec![0], "routes[0]").unwrap()
     }
 
     fn found(router: &Router, path: &str) -> Option<(String, String, String)> {
@@ -427,16 +431,7 @@ mod tests {
     #[test]
     fn bad_templates_name_the_field() {
         let bad = |path: &str, db: Option<&str>| {
-            let cfg = RouteConfig {
-                path: path.into(),
-                database: db.map(Into::into),
-                table: None,
-                default_format: Format::Json,
-                sink: SinkNames::One("main".into()),
-                privacy: None,
-                enrich: Vec::new(),
-            };
-            Route::compile(&cfg, vec![0], "routes[2]").unwrap_err()
+            Route::compile(&config(path, db), vec![0], "routes[2]").unwrap_err()
         };
         assert_eq!(bad("px/{table}", Some("w"))[0].field, "routes[2].path");
         assert!(bad("/px/{table}", None)[0].message.contains("{database}"));

@@ -1,5 +1,6 @@
 //! Helpers for the sinks' unit tests.
 
+use super::{Batch, LogSink, Rejection, SinkError};
 use crate::record::{Record, RecordBody};
 
 /// A record of `database`.`table` at `time` with `columns`.
@@ -20,4 +21,12 @@ pub(crate) fn test_record(
                 .collect(),
         },
     }
+}
+
+/// Writes `records` to `sink` as one batch.
+pub(crate) async fn write(
+    sink: &dyn LogSink,
+    records: &[Record],
+) -> Result<Vec<Rejection>, SinkError> {
+    sink.write_batch(&Batch::new(records, String::new())).await
 }

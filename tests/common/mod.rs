@@ -20,7 +20,7 @@ pub mod proxy;
 pub mod raw;
 pub mod server;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 // Not every test file uses every item.
 #[allow(unused_imports)]
@@ -41,6 +41,10 @@ use serde_json::Value;
 // this line only.
 #[allow(unused_imports)]
 pub use postback_proxy::postback::reply::PIXEL_GIF;
+
+/// How long a test waits for what the proxy does in the background (deliveries, retries,
+/// imports) before it fails.
+pub const WAIT: Duration = Duration::from_secs(60);
 
 /// `Cache-Control` of every postback answer.
 pub const NO_CACHE: &str = "no-cache, no-store, must-revalidate";

@@ -54,6 +54,20 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// `req` as it arrives: its method, path and query, and headers; no body yet.
+    pub fn head(req: &Request<Incoming>) -> Recorded {
+        Recorded {
+            method: req.method().to_string(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_string()),
+            headers: header_pairs(req.headers()),
+            body: Vec::new(),
+            complete: false,
+        }
+    }
+
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         header_in(&self.headers, name)
@@ -370,20 +384,10 @@ async fn handle(
     state: Arc<State>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let uri = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_string());
-    let headers = header_pairs(req.headers());
+    let head = Recorded::head(&req);
     let index = {
         let mut all = state.requests.lock().unwrap();
-        all.push(Recorded {
-            method: req.method().to_string(),
-            uri: uri.clone(),
-            headers: headers.clone(),
-            body: Vec::new(),
-            complete: false,
-        });
+        all.push(head);
         all.len() - 1
     };
     let path = req.uri().path().to_string();

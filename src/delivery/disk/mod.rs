@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 use super::FsyncPolicy;
 use crate::metrics;
-use crate::sync::lock;
+use crate::sync::{lock, sub_saturating};
 
 pub use frame::{decode_frame, encode_frame, Frame, HEADER, MAX_FRAME_PAYLOAD};
 use reader::ReadState;
@@ -255,11 +255,7 @@ impl DiskLog {
     }
 
     fn sub_records(&self, n: u64) {
-        let _ = self
-            .records
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                Some(r.saturating_sub(n))
-            });
+        sub_saturating(&self.records, n);
         metrics::QUEUE_RECORDS
             .with_label_values(&[&self.sink])
             .set(self.records.load(Ordering::Relaxed) as i64);

@@ -2,7 +2,8 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,13 +42,42 @@ fn take_all(log: &DiskLog) -> Vec<i64> {
     batch.iter().map(|r| r.body.time).collect()
 }
 
+/// Appends the records `range`, each alone (one frame each).
+async fn push_each(log: &DiskLog, range: Range<usize>) {
+    for i in range {
+        log.push(vec![record(i)]).await.unwrap();
+    }
+}
+
+/// Acknowledges what was taken, checks that nothing is left on disk, and closes.
+fn ack_all_and_close(log: &DiskLog, n: usize) {
+    log.ack(n);
+    assert_eq!(log.spool_bytes(), 0);
+    log.close();
+}
+
+/// A buffer under `dir` given the records `0..n`, one frame each.
+async fn open_with(dir: &Path, n: usize) -> Arc<DiskLog> {
+    let log = open(dir, 1 << 30);
+    push_each(&log, 0..n).await;
+    log
+}
+
+/// A buffer under `dir` that was given the records `0..n`, one frame each, then closed: its
+/// segment and the segment's bytes, to damage.
+async fn closed_segment(dir: &Path, n: usize) -> (PathBuf, Vec<u8>) {
+    let log = open_with(dir, n).await;
+    log.close();
+    drop(log);
+    let seg = segment_path(&dir.join("main"), 1);
+    let bytes = std::fs::read(&seg).unwrap();
+    (seg, bytes)
+}
+
 #[tokio::test]
 async fn appends_read_back_and_resume_at_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), 1 << 30);
-    for i in 0..10 {
-        log.push(vec![record(i)]).await.unwrap();
-    }
+    let log = open_with(dir.path(), 10).await;
     let mut batch = Vec::new();
     assert_eq!(log.take(&mut batch, 4, 1 << 20), 4);
     log.ack(0);
@@ -59,9 +89,7 @@ async fn appends_read_back_and_resume_at_the_checkpoint() {
     let log = open(dir.path(), 1 << 30);
     log.push(vec![record(10), record(11)]).await.unwrap();
     assert_eq!(take_all(&log), (4..12).collect::<Vec<_>>());
-    log.ack(0);
-    assert_eq!(log.spool_bytes(), 0);
-    log.close();
+    ack_all_and_close(&log, 0);
 }
 
 #[tokio::test]
@@ -82,18 +110,14 @@ async fn torn_tail_is_skipped_and_the_rest_delivered() {
     let log = open(dir.path(), 1 << 30);
     log.push(vec![record(3)]).await.unwrap();
     assert_eq!(take_all(&log), vec![0, 1, 2, 3]);
-    log.ack(0);
-    assert_eq!(log.spool_bytes(), 0);
-    log.close();
+    ack_all_and_close(&log, 0);
 }
 
 #[tokio::test]
 async fn segments_rotate_and_delivered_ones_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_segments(dir.path(), 1 << 30, 200);
-    for i in 0..20 {
-        log.push(vec![record(i)]).await.unwrap();
-    }
+    push_each(&log, 0..20).await;
     let count = || {
         std::fs::read_dir(dir.path().join("main"))
             .unwrap()
@@ -140,9 +164,7 @@ async fn a_second_process_appends_and_takes_over_when_the_first_exits() {
     }
     got.sort();
     assert_eq!(got, vec![1, 2, 3, 4]);
-    new.ack(0);
-    assert_eq!(new.spool_bytes(), 0);
-    new.close();
+    ack_all_and_close(&new, 0);
 }
 
 #[tokio::test]
@@ -169,15 +191,8 @@ async fn full_buffer_refuses_and_drop_counts() {
 #[tokio::test]
 async fn a_flipped_bit_mid_segment_skips_only_the_damaged_frame() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), 1 << 30);
-    for i in 0..10 {
-        log.push(vec![record(i)]).await.unwrap();
-    }
-    log.close();
-    drop(log);
+    let (seg, mut bytes) = closed_segment(dir.path(), 10).await;
     // Flip a bit in the payload of the fourth frame.
-    let seg = segment_path(&dir.path().join("main"), 1);
-    let mut bytes = std::fs::read(&seg).unwrap();
     let frame = bytes.len() / 10;
     bytes[3 * frame + HEADER + 5] ^= 0x10;
     std::fs::write(&seg, &bytes).unwrap();
@@ -195,22 +210,13 @@ async fn a_flipped_bit_mid_segment_skips_only_the_damaged_frame() {
         .get()
         - before;
     assert!(skipped >= frame as u64, "counted {skipped} skipped bytes");
-    log.ack(10);
-    assert_eq!(log.spool_bytes(), 0);
-    log.close();
+    ack_all_and_close(&log, 10);
 }
 
 #[tokio::test]
 async fn a_damaged_length_does_not_cost_the_rest_of_the_segment() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), 1 << 30);
-    for i in 0..6 {
-        log.push(vec![record(i)]).await.unwrap();
-    }
-    log.close();
-    drop(log);
-    let seg = segment_path(&dir.path().join("main"), 1);
-    let mut bytes = std::fs::read(&seg).unwrap();
+    let (seg, mut bytes) = closed_segment(dir.path(), 6).await;
     let frame = bytes.len() / 6;
     // A plausible length that runs past the segment's end.
     bytes[frame + 2] = 0x01;
@@ -223,10 +229,7 @@ async fn a_damaged_length_does_not_cost_the_rest_of_the_segment() {
 #[tokio::test]
 async fn the_batch_in_flight_is_rebuilt_with_its_id_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), 1 << 30);
-    for i in 0..5 {
-        log.push(vec![record(i)]).await.unwrap();
-    }
+    let log = open_with(dir.path(), 5).await;
     let mut batch = Vec::new();
     log.take(&mut batch, 2, 1 << 20);
     let (first, written) = log.seal();
@@ -250,9 +253,7 @@ async fn the_batch_in_flight_is_rebuilt_with_its_id_after_a_crash() {
 
     // Records arrive after the restart; the first batch is still exactly the one in flight.
     let log = open(dir.path(), 1 << 30);
-    for i in 5..8 {
-        log.push(vec![record(i)]).await.unwrap();
-    }
+    push_each(&log, 5..8).await;
     let mut again = Vec::new();
     log.take(&mut again, 1, 1 << 20);
     assert_eq!(log.take(&mut again, 1000, 1 << 20), 0);

@@ -156,7 +156,7 @@ impl LogSink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::test_support::test_record;
+    use crate::sink::test_support::{test_record, write};
     use crate::units::{ByteSize, HumanDuration};
 
     fn record(i: usize) -> Record {
@@ -196,12 +196,8 @@ mod tests {
         let cfg = config(dir.path().join("out/events.jsonl"), ByteSize(200), None);
         let sink = FileSink::open(&cfg).unwrap();
         let batch: Vec<Record> = (0..10).map(record).collect();
-        sink.write_batch(&Batch::new(&batch[..7], String::new()))
-            .await
-            .unwrap();
-        sink.write_batch(&Batch::new(&batch[7..], String::new()))
-            .await
-            .unwrap();
+        write(&sink, &batch[..7]).await.unwrap();
+        write(&sink, &batch[7..]).await.unwrap();
         sink.close().await.unwrap();
         let (files, lines) = lines_in(&dir.path().join("out"));
         let mut one = Vec::new();
@@ -232,13 +228,9 @@ mod tests {
             Some(HumanDuration::millis(1)),
         );
         let sink = FileSink::open(&cfg).unwrap();
-        sink.write_batch(&Batch::new(&[record(1)], String::new()))
-            .await
-            .unwrap();
+        write(&sink, &[record(1)]).await.unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        sink.write_batch(&Batch::new(&[record(2)], String::new()))
-            .await
-            .unwrap();
+        write(&sink, &[record(2)]).await.unwrap();
         let (files, lines) = lines_in(dir.path());
         assert_eq!((files, lines.len()), (2, 2));
         assert!(rotated_name(&cfg.path)

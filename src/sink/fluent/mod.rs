@@ -278,10 +278,11 @@ impl LogSink for FluentSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::test_support::test_record as record;
+    use crate::sink::test_support::{test_record as record, write};
     use crate::sink::SinkKind;
     use crate::units::HumanDuration;
     use tokio::net::TcpListener;
+    use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
     fn config(address: &str) -> FluentSinkConfig {
         FluentSinkConfig {
@@ -511,24 +512,26 @@ mod tests {
     }
 
     /// A loopback listener that hands its first `connections` connections, one at a time, to
-    /// `serve`; returns its address and the task.
+    /// `serve`, with a sender for the messages it wants the test to see; returns its address, the
+    /// task and the receiving end.
     async fn server<F, Fut>(
         connections: usize,
         mut serve: F,
-    ) -> (String, tokio::task::JoinHandle<()>)
+    ) -> (String, tokio::task::JoinHandle<()>, UnboundedReceiver<V>)
     where
-        F: FnMut(usize, TcpStream) -> Fut + Send + 'static,
+        F: FnMut(usize, TcpStream, UnboundedSender<V>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
+        let (seen_tx, seen_rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             for i in 0..connections {
                 let (stream, _) = listener.accept().await.unwrap();
-                serve(i, stream).await;
+                serve(i, stream, seen_tx.clone()).await;
             }
         });
-        (address, task)
+        (address, task, seen_rx)
     }
 
     async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -539,14 +542,10 @@ mod tests {
 
     #[tokio::test]
     async fn acked_batches_share_one_connection() {
-        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (address, task) = server(1, move |_, mut stream| {
-            let seen_tx = seen_tx.clone();
-            async move {
-                while let Some((message, chunk)) = read_message(&mut stream).await {
-                    send_ack(&mut stream, chunk.as_deref().unwrap()).await;
-                    seen_tx.send(message).unwrap();
-                }
+        let (address, task, mut seen_rx) = server(1, |_, mut stream, seen| async move {
+            while let Some((message, chunk)) = read_message(&mut stream).await {
+                send_ack(&mut stream, chunk.as_deref().unwrap()).await;
+                seen.send(message).unwrap();
             }
         })
         .await;
@@ -557,16 +556,9 @@ mod tests {
                 record("ads", "x", 11, &[("n", "2")]),
                 record("web", "pv", 12, &[("n", "3")]),
             ];
+            assert_eq!(write(&sink, &batch).await.unwrap(), vec![]);
             assert_eq!(
-                sink.write_batch(&Batch::new(&batch, String::new()))
-                    .await
-                    .unwrap(),
-                vec![]
-            );
-            assert_eq!(
-                sink.write_batch(&Batch::new(&batch[1..2], String::new()))
-                    .await
-                    .unwrap(),
+                write(&sink, &batch[1..2]).await.unwrap(),
                 vec![],
                 "the second batch goes over the same connection"
             );
@@ -595,7 +587,7 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_missing_or_refused_acks_fail_the_batch_and_reconnect() {
-        let (address, task) = server(3, |i, mut stream| async move {
+        let (address, task, _) = server(3, |i, mut stream, _| async move {
             match i {
                 // A wrong ack.
                 0 => {
@@ -622,19 +614,11 @@ mod tests {
         let sink = FluentSink::open("f", &config(&address)).unwrap();
         let batch = vec![record("web", "pv", 10, &[("n", "1")])];
         bounded(async {
-            let e = sink
-                .write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap_err();
+            let e = write(&sink, &batch).await.unwrap_err();
             assert!(e.to_string().contains("not-the-chunk"), "{e}");
-            let e = sink
-                .write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap_err();
+            let e = write(&sink, &batch).await.unwrap_err();
             assert!(e.to_string().contains("closed"), "{e}");
-            sink.write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap();
+            write(&sink, &batch).await.unwrap();
             sink.close().await.unwrap();
             task.await.unwrap();
         })
@@ -643,7 +627,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_server_times_out() {
-        let (address, task) = server(1, |_, mut stream| async move {
+        let (address, task, _) = server(1, |_, mut stream, _| async move {
             let mut rest = Vec::new();
             let _ = stream.read_to_end(&mut rest).await;
         })
@@ -652,8 +636,7 @@ mod tests {
         cfg.timeout = HumanDuration::millis(200);
         let sink = FluentSink::open("f", &cfg).unwrap();
         bounded(async {
-            let e = sink
-                .write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
+            let e = write(&sink, &[record("web", "pv", 1, &[])])
                 .await
                 .unwrap_err();
             assert!(e.to_string().contains("did not acknowledge"), "{e}");
@@ -665,24 +648,18 @@ mod tests {
 
     #[tokio::test]
     async fn without_ack_nothing_is_awaited_and_a_closed_connection_is_replaced() {
-        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (address, task) = server(2, move |_, mut stream| {
-            let seen_tx = seen_tx.clone();
-            async move {
-                // One message per connection, then close.
-                let (message, chunk) = read_message(&mut stream).await.unwrap();
-                assert_eq!(chunk, None);
-                seen_tx.send(message).unwrap();
-            }
+        let (address, task, mut seen_rx) = server(2, |_, mut stream, seen| async move {
+            // One message per connection, then close.
+            let (message, chunk) = read_message(&mut stream).await.unwrap();
+            assert_eq!(chunk, None);
+            seen.send(message).unwrap();
         })
         .await;
         let mut cfg = config(&address);
         cfg.require_ack = false;
         let sink = FluentSink::open("f", &cfg).unwrap();
         bounded(async {
-            sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new()))
-                .await
-                .unwrap();
+            write(&sink, &[record("web", "pv", 1, &[])]).await.unwrap();
             let first = seen_rx.recv().await.unwrap();
             // Wait until the server's close is visible to the sink's socket.
             loop {
@@ -695,9 +672,7 @@ mod tests {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            sink.write_batch(&Batch::new(&[record("web", "pv", 2, &[])], String::new()))
-                .await
-                .unwrap();
+            write(&sink, &[record("web", "pv", 2, &[])]).await.unwrap();
             let second = seen_rx.recv().await.unwrap();
             task.await.unwrap();
             let V::Array(first) = first else { panic!() };
@@ -719,10 +694,9 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let sink = FluentSink::open("f", &config(&address)).unwrap();
-        let e =
-            bounded(sink.write_batch(&Batch::new(&[record("web", "pv", 1, &[])], String::new())))
-                .await
-                .unwrap_err();
+        let e = bounded(write(&sink, &[record("web", "pv", 1, &[])]))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("cannot connect"), "{e}");
         // A connect failure is the peer unreachable: the lane marks the sink down.
         assert!(e.is_unreachable(), "{e}");
@@ -731,11 +705,6 @@ mod tests {
             "{:?}",
             sink.peer_down()
         );
-        assert_eq!(
-            bounded(sink.write_batch(&Batch::new(&[], String::new())))
-                .await
-                .unwrap(),
-            vec![]
-        );
+        assert_eq!(bounded(write(&sink, &[])).await.unwrap(), vec![]);
     }
 }

@@ -131,7 +131,7 @@ impl LogSink for HttpSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::test_support::test_record;
+    use crate::sink::test_support::{test_record, write};
 
     #[tokio::test]
     async fn a_connect_failure_is_unreachable_until_an_answer() {
@@ -139,10 +139,7 @@ mod tests {
             serde_saphyr::from_str("{url: 'http://127.0.0.1:1/bulk', timeout: 2s}").unwrap();
         let sink = HttpSink::open(&cfg).unwrap();
         let records = [test_record("web", "pv", 1, &[])];
-        let e = sink
-            .write_batch(&Batch::new(&records, String::new()))
-            .await
-            .unwrap_err();
+        let e = write(&sink, &records).await.unwrap_err();
         assert!(e.is_unreachable(), "{e}");
         assert!(
             e.to_string()

@@ -1,19 +1,17 @@
 //! `type: kafka`: its configuration, the checks on it, and the librdkafka settings made from it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
-use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::topic::{self, MAX_TOPIC_LEN};
 use super::KafkaSink;
 use crate::config::Problem;
 use crate::sink::{LogSink, SinkKind};
-use crate::units::{check_host_port, HumanDuration};
+use crate::units::{check_host_port, number_or_word, HumanDuration};
 
 /// librdkafka's limit on `linger.ms`.
 const MAX_LINGER: Duration = Duration::from_secs(900);
@@ -96,24 +94,9 @@ impl Acks {
 
 impl<'de> Deserialize<'de> for Acks {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Acks;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("all, -1, 0 or 1")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Acks, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Acks, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Acks, E> {
-                Acks::from_word(v)
-                    .ok_or_else(|| E::custom(format!("acks must be all, -1, 0 or 1, not `{v}`")))
-            }
-        }
-        d.deserialize_any(V)
+        number_or_word(d, "all, -1, 0 or 1", |v| {
+            Acks::from_word(v).ok_or_else(|| format!("acks must be all, -1, 0 or 1, not `{v}`"))
+        })
     }
 }
 

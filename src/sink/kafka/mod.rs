@@ -492,6 +492,7 @@ mod tests {
     use super::config::tests::config;
     use super::*;
     use crate::record::RecordBody;
+    use crate::sink::test_support::write;
     use crate::sink::SinkKind;
 
     fn record(table: &str, n: usize, gid: Option<&str>) -> Record {
@@ -593,12 +594,7 @@ mod tests {
             record("clicks", 1, Some("gid-1")),
             record("pageviews", 2, None),
         ];
-        assert_eq!(
-            sink.write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap(),
-            Vec::new()
-        );
+        assert_eq!(write(&sink, &batch).await.unwrap(), Vec::new());
         sink.close().await.unwrap();
 
         let msgs = read_topic(&bootstrap, "web.pageviews", 2);
@@ -622,12 +618,7 @@ mod tests {
         assert_eq!(clicks.len(), 1);
         assert_eq!(clicks[0].key(), Some(&b"gid-1"[..]));
         assert_eq!(header(&clicks[0], "table").as_deref(), Some("clicks"));
-        assert_eq!(
-            sink.write_batch(&Batch::new(&[], String::new()))
-                .await
-                .unwrap(),
-            Vec::new()
-        );
+        assert_eq!(write(&sink, &[]).await.unwrap(), Vec::new());
     }
 
     #[tokio::test]
@@ -642,10 +633,7 @@ mod tests {
             big,
             record("pageviews", 2, Some("gid-2")),
         ];
-        let rejections = sink
-            .write_batch(&Batch::new(&batch, String::new()))
-            .await
-            .unwrap();
+        let rejections = write(&sink, &batch).await.unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 1);
         assert!(
@@ -671,10 +659,7 @@ mod tests {
             record(&"t".repeat(250), 0, None),
             record("pageviews", 1, None),
         ];
-        let rejections = sink
-            .write_batch(&Batch::new(&batch, String::new()))
-            .await
-            .unwrap();
+        let rejections = write(&sink, &batch).await.unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 0);
         assert!(rejections[0].reason.contains("249"), "{rejections:?}");
@@ -695,12 +680,7 @@ mod tests {
         let batch: Vec<_> = (0..3)
             .map(|n| record("pageviews", n, Some("same-gid")))
             .collect();
-        assert_eq!(
-            sink.write_batch(&Batch::new(&batch, String::new()))
-                .await
-                .unwrap(),
-            Vec::new()
-        );
+        assert_eq!(write(&sink, &batch).await.unwrap(), Vec::new());
         let mut ns: Vec<_> = read_topic(&bootstrap, "web.pageviews", 3)
             .iter()
             .map(value_n)
@@ -713,10 +693,7 @@ mod tests {
             RDKafkaApiKey::Produce,
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
         );
-        let rejections = sink
-            .write_batch(&Batch::new(&[record("pageviews", 9, None)], String::new()))
-            .await
-            .unwrap();
+        let rejections = write(&sink, &[record("pageviews", 9, None)]).await.unwrap();
         assert_eq!(rejections.len(), 1, "{rejections:?}");
         assert_eq!(rejections[0].index, 0);
         assert!(
@@ -728,7 +705,7 @@ mod tests {
         );
         // And the producer still works afterwards.
         assert_eq!(
-            sink.write_batch(&Batch::new(&[record("pageviews", 10, None)], String::new()))
+            write(&sink, &[record("pageviews", 10, None)])
                 .await
                 .unwrap(),
             Vec::new()
@@ -741,16 +718,11 @@ mod tests {
         let bootstrap = mock.bootstrap_servers();
         let sink = sink_for(&bootstrap, "timeout: 1500ms");
         // Connected first, so that the broker going down is seen as it happens.
-        sink.write_batch(&Batch::new(&[record("pageviews", 0, None)], String::new()))
-            .await
-            .unwrap();
+        write(&sink, &[record("pageviews", 0, None)]).await.unwrap();
         assert_eq!(sink.peer_down(), None);
         mock.broker_down(-1).unwrap();
         let batch: Vec<_> = (0..3).map(|n| record("pageviews", n, None)).collect();
-        let err = sink
-            .write_batch(&Batch::new(&batch, String::new()))
-            .await
-            .unwrap_err();
+        let err = write(&sink, &batch).await.unwrap_err();
         assert!(err.to_string().contains("web.pageviews"), "{err}");
         // librdkafka's AllBrokersDown event: the sink knows, and the error says so.
         let down = sink
@@ -762,7 +734,7 @@ mod tests {
         // The caller retries: within a bounded number of tries the batch is delivered.
         let mut delivered = false;
         for _ in 0..10 {
-            if let Ok(r) = sink.write_batch(&Batch::new(&batch, String::new())).await {
+            if let Ok(r) = write(&sink, &batch).await {
                 assert_eq!(r, Vec::new());
                 delivered = true;
                 break;
@@ -795,10 +767,7 @@ mod tests {
         .unwrap();
         let sink = sink_for(&bootstrap, "timeout: 2s");
         let batch = vec![record("pageviews", 0, None), record("missing", 1, None)];
-        let err = sink
-            .write_batch(&Batch::new(&batch, String::new()))
-            .await
-            .unwrap_err();
+        let err = write(&sink, &batch).await.unwrap_err();
         assert!(err.to_string().contains("web.missing"), "{err}");
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
