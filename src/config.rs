@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use crate::http::client_ip::ClientIpConfig;
 use crate::http::upstream::UpstreamConfig;
@@ -113,10 +114,8 @@ pub struct Config {
     #[serde(default = "default_listen")]
     pub listen: Vec<ListenConfig>,
     /// `admin:`: the admin listener, if any (the standalone proxy).
-    #[serde(default)]
     pub admin: Option<AdminConfig>,
     /// `upstream:`: the origin (the standalone proxy requires it; an embedding proxy has its own).
-    #[serde(default)]
     pub upstream: Option<UpstreamConfig>,
     /// `routes:`, tried in order. Default: the Treasure Data route alone, to the sink `main`.
     #[serde(default = "default_routes")]
@@ -132,7 +131,6 @@ pub struct Config {
     pub postback: PostbackConfig,
     /// `sinks:`. Absent, and no sink registered in code: `main` is a file sink at
     /// `data/events.jsonl`.
-    #[serde(default)]
     pub sinks: Option<BTreeMap<String, SinkConfig>>,
     /// `delivery:`: the buffer, batches and retries.
     #[serde(default)]
@@ -143,18 +141,23 @@ pub struct Config {
 }
 
 /// `server:`: the subset of Pingora's own server settings we pass through.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
     /// Worker threads of the proxy service.
+    #[default(std::thread::available_parallelism().map_or(1, |n| n.get()))]
     pub threads: usize,
     /// How long Pingora lets in-flight requests finish after SIGTERM.
+    #[default(3)]
     pub grace_period_seconds: u64,
     /// How long runtimes get to stop after the grace period.
+    #[default(5)]
     pub graceful_shutdown_timeout_seconds: u64,
     /// The Unix socket through which `--upgrade` takes over the listening sockets.
+    #[default("/tmp/postback-proxy.sock")]
     pub upgrade_sock: String,
     /// Where `--daemon` writes its pid.
+    #[default("/tmp/postback-proxy.pid")]
     pub pid_file: String,
     /// Run as a daemon (same as `--daemon`).
     pub daemon: bool,
@@ -166,41 +169,25 @@ pub struct ServerSettings {
     pub group: Option<String>,
     /// Let idle worker threads take tasks from busy ones (Pingora's `work_stealing`); `false`
     /// gives each thread its own single-threaded runtime.
+    #[default(true)]
     pub work_stealing: bool,
     /// How long an idle keep-alive connection waits for its next request.
+    #[default(60)]
     pub keepalive_timeout_seconds: u64,
     // --- fast path (issue 12; src/http/fast) ---
     /// The whole request head must arrive within this (from the connection's start, or from the
     /// first byte of a later request on a keep-alive connection); then the connection is closed.
     /// Enforced by the fast path's reader (`fast_path: true`).
+    #[default(HumanDuration::secs(30))]
     pub header_timeout: HumanDuration,
     /// Open connections per process (every listener together); beyond it a new connection is
     /// closed at once and counted in `server_connections_refused_total`.
+    #[default(10_000)]
     pub max_connections: usize,
     /// Read every plain HTTP/1.1 connection in our own loop, answer postbacks there and hand
     /// every other request to Pingora on the same connection; `false`: Pingora reads everything.
+    #[default(true)]
     pub fast_path: bool,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        ServerSettings {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            grace_period_seconds: 3,
-            graceful_shutdown_timeout_seconds: 5,
-            upgrade_sock: "/tmp/postback-proxy.sock".into(),
-            pid_file: "/tmp/postback-proxy.pid".into(),
-            daemon: false,
-            error_log: None,
-            user: None,
-            group: None,
-            work_stealing: true,
-            keepalive_timeout_seconds: 60,
-            header_timeout: HumanDuration::secs(30),
-            max_connections: 10_000,
-            fast_path: true,
-        }
-    }
 }
 
 /// One entry of `listen:`.
@@ -210,7 +197,6 @@ pub struct ListenConfig {
     /// `ip:port` to bind.
     pub address: String,
     /// Serve TLS (HTTP/1.1 and HTTP/2 by ALPN) with these files.
-    #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
 

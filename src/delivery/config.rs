@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use crate::config::Problem;
 use crate::units::{ByteSize, HumanDuration};
@@ -51,68 +52,45 @@ impl<'de> Deserialize<'de> for FsyncPolicy {
 }
 
 /// `delivery:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
+    #[default(BufferKind::Disk)]
     pub buffer: BufferKind,
+    #[default("data/buffer")]
     pub dir: PathBuf,
+    #[default(ByteSize::gib(1))]
     pub max_bytes: ByteSize,
+    #[default(65536)]
     pub queue_records: usize,
+    #[default(FsyncPolicy::Every(HumanDuration::secs(1)))]
     pub fsync: FsyncPolicy,
     pub batch: BatchConfig,
     pub retry: RetryConfig,
+    #[default(WhenFull::Reject)]
     pub when_full: WhenFull,
 }
 
-impl Default for DeliveryConfig {
-    fn default() -> Self {
-        DeliveryConfig {
-            buffer: BufferKind::Disk,
-            dir: "data/buffer".into(),
-            max_bytes: ByteSize::gib(1),
-            queue_records: 65536,
-            fsync: FsyncPolicy::Every(HumanDuration::secs(1)),
-            batch: BatchConfig::default(),
-            retry: RetryConfig::default(),
-            when_full: WhenFull::Reject,
-        }
-    }
-}
-
 /// `delivery.batch:`: how records are grouped for the sink.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
+    #[default(1000)]
     pub max_records: usize,
+    #[default(ByteSize::mib(1))]
     pub max_bytes: ByteSize,
+    #[default(HumanDuration::millis(100))]
     pub max_wait: HumanDuration,
 }
 
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig {
-            max_records: 1000,
-            max_bytes: ByteSize::mib(1),
-            max_wait: HumanDuration::millis(100),
-        }
-    }
-}
-
 /// `delivery.retry:`: backoff for a failing sink.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
+    #[default(HumanDuration::millis(100))]
     pub initial: HumanDuration,
+    #[default(HumanDuration::secs(30))]
     pub max: HumanDuration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            initial: HumanDuration::millis(100),
-            max: HumanDuration::secs(30),
-        }
-    }
 }
 
 impl DeliveryConfig {

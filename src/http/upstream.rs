@@ -1,6 +1,7 @@
 //! The upstream origin: peers resolved once at start-up, picked round robin, health checked.
 
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use crate::units::HumanDuration;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -51,22 +52,14 @@ fn default_read_timeout() -> HumanDuration {
 }
 
 /// `upstream.health_check:`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckConfig {
     /// How often each peer is probed.
+    #[default(HumanDuration::secs(5))]
     pub interval: HumanDuration,
     /// None: a TCP connect. A path such as `/healthz`: an HTTP GET that must answer 200.
     pub path: Option<String>,
-}
-
-impl Default for HealthCheckConfig {
-    fn default() -> Self {
-        HealthCheckConfig {
-            interval: HumanDuration::secs(5),
-            path: None,
-        }
-    }
 }
 
 /// Picks the peer for each proxied request.

@@ -1,6 +1,7 @@
 //! `identity:`: first-party identity on the site's own responses, as written in the file.
 
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use crate::units::HumanDuration;
 
@@ -34,7 +35,6 @@ pub struct ExtendCookieConfig {
     pub max_age: HumanDuration,
     /// Its `Domain`: it must be the one the page's script writes (td-js-sdk's `cookieDomain`),
     /// or the browser keeps two cookies of that name. Default: none (host-only).
-    #[serde(default)]
     pub domain: Option<String>,
     /// Add `HttpOnly` (not for a cookie the page's script must read, like `_td`). Default: `false`.
     #[serde(default)]
@@ -42,28 +42,20 @@ pub struct ExtendCookieConfig {
 }
 
 /// `identity.server_cookie`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerCookieConfig {
     /// Answer `GET {path}`. Default: `false`.
     pub enabled: bool,
     /// Default: `/get_cookie_id`, where td-js-sdk asks.
+    #[default("/get_cookie_id")]
     pub path: String,
     /// Default: `_td_ssc_id`, the cookie td-js-sdk reads.
+    #[default("_td_ssc_id")]
     pub cookie: String,
     /// Default: `730d`.
+    #[default(TWO_YEARS)]
     pub max_age: HumanDuration,
-}
-
-impl Default for ServerCookieConfig {
-    fn default() -> Self {
-        ServerCookieConfig {
-            enabled: false,
-            path: "/get_cookie_id".into(),
-            cookie: "_td_ssc_id".into(),
-            max_age: TWO_YEARS,
-        }
-    }
 }
 
 fn two_years() -> HumanDuration {

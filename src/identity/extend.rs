@@ -11,7 +11,7 @@
 use http::{header, HeaderMap};
 
 use super::config::IdentityConfig;
-use super::{cookie_name, host_name, plausible_id};
+use super::{check_cookie, cookie_name, host_name, plausible_id};
 use crate::config::Problem;
 use crate::postback::cookie;
 use crate::postback::privacy::Assessment;
@@ -53,12 +53,8 @@ impl CookieExtension {
         let mut cookies: Vec<Extended> = Vec::new();
         for (i, c) in cfg.extend_cookies.iter().enumerate() {
             let field = format!("identity.extend_cookies[{i}]");
-            if !cookie_name(&c.name) {
-                problems.push(Problem::new(
-                    format!("{field}.name"),
-                    "must be a cookie name",
-                ));
-            } else if cookies.iter().any(|e| e.name == c.name) {
+            check_cookie(&mut problems, &field, ("name", &c.name), &c.max_age);
+            if cookie_name(&c.name) && cookies.iter().any(|e| e.name == c.name) {
                 problems.push(Problem::new(
                     format!("{field}.name"),
                     format!("`{}` is listed twice", c.name),
@@ -74,12 +70,6 @@ impl CookieExtension {
                     None
                 }),
             };
-            if c.max_age.0.as_secs() == 0 {
-                problems.push(Problem::new(
-                    format!("{field}.max_age"),
-                    "must be at least 1s",
-                ));
-            }
             cookies.push(Extended {
                 name: c.name.clone(),
                 max_age_secs: c.max_age.0.as_secs(),

@@ -15,6 +15,7 @@ pub mod extend;
 pub mod server_cookie;
 
 use crate::config::{parse_list, Problem};
+use crate::units::HumanDuration;
 use config::IdentityConfig;
 use extend::CookieExtension;
 use server_cookie::ServerCookie;
@@ -56,6 +57,28 @@ pub fn plausible_id(value: &str) -> bool {
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The checks every cookie the configuration names gets: `{field}.{name_key}` must be a cookie
+/// name and `{field}.max_age` at least one second (a `Max-Age=0` cookie is deleted at once).
+pub(crate) fn check_cookie(
+    problems: &mut Vec<Problem>,
+    field: &str,
+    (name_key, name): (&str, &str),
+    max_age: &HumanDuration,
+) {
+    if !cookie_name(name) {
+        problems.push(Problem::new(
+            format!("{field}.{name_key}"),
+            "must be a cookie name",
+        ));
+    }
+    if max_age.0.as_secs() == 0 {
+        problems.push(Problem::new(
+            format!("{field}.max_age"),
+            "must be at least 1s",
+        ));
+    }
 }
 
 /// `true` for a cookie name (an RFC 9110 token).

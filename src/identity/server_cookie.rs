@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method};
 
 use super::config::ServerCookieConfig;
-use super::{cookie_name, host_name, plausible_id};
+use super::{check_cookie, host_name, plausible_id};
 use crate::config::Problem;
 use crate::postback::cookie;
 use crate::postback::privacy::Assessment;
@@ -81,18 +81,12 @@ impl ServerCookie {
                 "must be a path such as /get_cookie_id",
             ));
         }
-        if !cookie_name(&cfg.cookie) {
-            problems.push(Problem::new(
-                "identity.server_cookie.cookie",
-                "must be a cookie name",
-            ));
-        }
-        if cfg.max_age.0.as_secs() == 0 {
-            problems.push(Problem::new(
-                "identity.server_cookie.max_age",
-                "must be at least 1s",
-            ));
-        }
+        check_cookie(
+            &mut problems,
+            "identity.server_cookie",
+            ("cookie", &cfg.cookie),
+            &cfg.max_age,
+        );
         if !problems.is_empty() {
             return Err(problems);
         }

@@ -21,10 +21,8 @@ pub struct AuthConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WriteKeyConfig {
-    #[serde(default)]
     pub key: Option<String>,
     /// Hex SHA-256 of the key, so the file holds no secret.
-    #[serde(default)]
     pub key_sha256: Option<String>,
     /// Glob patterns (`*`, `?`) of the databases this key may write.
     #[serde(default = "default_databases")]

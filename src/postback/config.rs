@@ -2,6 +2,7 @@
 
 use serde::de::{Deserializer, Error as _};
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use super::cookie::GlobalIdConfig;
 use super::cors::CorsConfig;
@@ -10,11 +11,14 @@ use super::redirect::RedirectConfig;
 use crate::units::{ByteSize, HumanDuration};
 
 /// `postback:`: limits and the behaviour of the special parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostbackConfig {
+    #[default(ByteSize::kib(16))]
     pub max_url_bytes: ByteSize,
+    #[default(ByteSize(1_048_064))]
     pub max_body_bytes: ByteSize,
+    #[default(512)]
     pub max_columns: usize,
     pub record_time_window: TimeWindowConfig,
     pub redirect: RedirectConfig,
@@ -35,38 +39,14 @@ pub struct RateLimitConfig {
     pub per_second: Option<u64>,
 }
 
-impl Default for PostbackConfig {
-    fn default() -> Self {
-        PostbackConfig {
-            max_url_bytes: ByteSize::kib(16),
-            max_body_bytes: ByteSize(1_048_064),
-            max_columns: 512,
-            record_time_window: TimeWindowConfig::default(),
-            redirect: RedirectConfig::default(),
-            global_id: GlobalIdConfig::default(),
-            client_ip: (),
-            cors: CorsConfig::default(),
-            privacy: PrivacyConfig::default(),
-            rate_limit: RateLimitConfig::default(),
-        }
-    }
-}
-
 /// `postback.record_time_window:`: how far `td_record_time` may lie from the receive time.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeWindowConfig {
+    #[default(HumanDuration::secs(7 * 86400))]
     pub past: HumanDuration,
+    #[default(HumanDuration::secs(3 * 86400))]
     pub future: HumanDuration,
-}
-
-impl Default for TimeWindowConfig {
-    fn default() -> Self {
-        TimeWindowConfig {
-            past: HumanDuration::secs(7 * 86400),
-            future: HumanDuration::secs(3 * 86400),
-        }
-    }
 }
 
 /// `postback.client_ip` was the old place of `client_ip:`: a file that still has it is refused at

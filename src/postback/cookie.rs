@@ -5,9 +5,10 @@ use std::fmt;
 use http::{header, HeaderMap};
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use crate::config::Problem;
-use crate::identity::cookie_name;
+use crate::identity::check_cookie;
 use crate::units::HumanDuration;
 
 /// `SameSite` of the global-id cookie.
@@ -58,27 +59,19 @@ impl<'de> Deserialize<'de> for SecureSetting {
 }
 
 /// `postback.global_id:`: the cookie that carries the visitor's global id.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct GlobalIdConfig {
+    #[default("_td_global")]
     pub cookie: String,
+    #[default(HumanDuration::secs(730 * 86400))]
     pub max_age: HumanDuration,
     /// The cookie's `Domain`; none: the request host.
     pub domain: Option<String>,
+    #[default(SameSite::Lax)]
     pub same_site: SameSite,
+    #[default(SecureSetting::Auto)]
     pub secure: SecureSetting,
-}
-
-impl Default for GlobalIdConfig {
-    fn default() -> Self {
-        GlobalIdConfig {
-            cookie: "_td_global".into(),
-            max_age: HumanDuration::secs(730 * 86400),
-            domain: None,
-            same_site: SameSite::Lax,
-            secure: SecureSetting::Auto,
-        }
-    }
 }
 
 /// Finds the first cookie called `name` in the `Cookie` header values `headers`.
@@ -140,12 +133,12 @@ impl GlobalIdCookie {
     /// Builds the writer from `postback.global_id`.
     pub fn from_config(cfg: &GlobalIdConfig) -> Result<Self, Vec<Problem>> {
         let mut problems = Vec::new();
-        if !cookie_name(&cfg.cookie) {
-            problems.push(Problem::new(
-                "postback.global_id.cookie",
-                "must be a cookie name token",
-            ));
-        }
+        check_cookie(
+            &mut problems,
+            "postback.global_id",
+            ("cookie", &cfg.cookie),
+            &cfg.max_age,
+        );
         if let Some(domain) = &cfg.domain {
             if domain.is_empty()
                 || !domain
@@ -257,6 +250,24 @@ mod tests {
         assert_eq!(
             GlobalIdCookie::from_config(&cfg).unwrap_err()[0].field,
             "postback.global_id.domain"
+        );
+        // A cookie that would be deleted at once, or one no browser takes, is refused.
+        let cfg = GlobalIdConfig {
+            cookie: "a b".into(),
+            max_age: HumanDuration::secs(0),
+            ..GlobalIdConfig::default()
+        };
+        let problems: Vec<String> = GlobalIdCookie::from_config(&cfg)
+            .unwrap_err()
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "postback.global_id.cookie: must be a cookie name",
+                "postback.global_id.max_age: must be at least 1s"
+            ]
         );
     }
 }

@@ -7,6 +7,7 @@
 
 use http::{header, HeaderMap};
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use crate::config::Problem;
 use crate::postback::cookie;
@@ -36,16 +37,18 @@ pub enum BotAction {
 }
 
 /// `postback.privacy:` (and `routes[].privacy:`, which replaces it for one route).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyConfig {
     /// Honour `DNT: 1`.
     pub honor_dnt: bool,
     /// Honour `Sec-GPC: 1` (Global Privacy Control, a legal opt-out in some places).
+    #[default(true)]
     pub honor_gpc: bool,
     /// A cookie whose presence (with a value other than empty, `0` or `false`) means opted out.
     pub opt_out_cookie: Option<String>,
     /// What an opt-out does to the record.
+    #[default(OptOutAction::Strip)]
     pub opted_out: OptOutAction,
     /// When set, identifiers (`td_global_id` and its cookie) are used only if this cookie is
     /// present with a value other than empty, `0` or `false`.
@@ -53,24 +56,10 @@ pub struct PrivacyConfig {
     /// Overrides `postback.client_ip.anonymize` for the route.
     pub anonymize_ip: Option<bool>,
     /// What a robot or prefetch does to the record.
+    #[default(BotAction::Flag)]
     pub bots: BotAction,
     /// More User-Agent substrings (case-insensitive) that mark robots.
     pub bot_user_agents: Vec<String>,
-}
-
-impl Default for PrivacyConfig {
-    fn default() -> Self {
-        PrivacyConfig {
-            honor_dnt: false,
-            honor_gpc: true,
-            opt_out_cookie: None,
-            opted_out: OptOutAction::Strip,
-            consent_cookie: None,
-            anonymize_ip: None,
-            bots: BotAction::Flag,
-            bot_user_agents: Vec::new(),
-        }
-    }
 }
 
 /// User-Agent substrings (lower case) of well-known robots, crawlers, link previewers and

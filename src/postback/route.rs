@@ -26,10 +26,8 @@ pub struct RouteConfig {
     /// The path template, e.g. `/postback/v3/event/{database}/{table}`.
     pub path: String,
     /// A fixed database, for templates without `{database}`.
-    #[serde(default)]
     pub database: Option<String>,
     /// A fixed table, for templates without `{table}`.
-    #[serde(default)]
     pub table: Option<String>,
     #[serde(default)]
     pub default_format: Format,
@@ -38,7 +36,6 @@ pub struct RouteConfig {
     #[serde(default = "default_sink_names")]
     pub sink: SinkNames,
     /// Replaces `postback.privacy` for this route.
-    #[serde(default)]
     pub privacy: Option<PrivacyConfig>,
     /// Columns added to every record from what it carries: `[user_agent]`.
     #[serde(default)]

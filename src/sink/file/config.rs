@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use super::FileSink;
 use crate::config::Problem;
@@ -10,10 +11,11 @@ use crate::sink::{more_than_zero, LogSink, SinkKind};
 use crate::units::{ByteSize, HumanDuration};
 
 /// `type: file`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields)]
 pub struct FileSinkConfig {
     #[serde(default = "default_file_path")]
+    #[default(default_file_path())]
     pub path: PathBuf,
     #[serde(default)]
     pub rotate: RotateConfig,
@@ -24,30 +26,14 @@ pub(crate) fn default_file_path() -> PathBuf {
 }
 
 /// When the file sink starts a new file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct RotateConfig {
+    #[default(ByteSize::mib(256))]
     pub max_bytes: ByteSize,
     /// Rotate files older than this; none: by size only.
+    #[default(Some(HumanDuration::secs(3600)))]
     pub interval: Option<HumanDuration>,
-}
-
-impl Default for RotateConfig {
-    fn default() -> Self {
-        RotateConfig {
-            max_bytes: ByteSize::mib(256),
-            interval: Some(HumanDuration::secs(3600)),
-        }
-    }
-}
-
-impl Default for FileSinkConfig {
-    fn default() -> Self {
-        FileSinkConfig {
-            path: default_file_path(),
-            rotate: RotateConfig::default(),
-        }
-    }
 }
 
 impl SinkKind for FileSinkConfig {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use smart_default::SmartDefault;
 
 use super::TdSink;
 use crate::config::Problem;
@@ -12,37 +13,28 @@ use crate::template::Template;
 use crate::units::HumanDuration;
 
 /// `type: td`.
-#[derive(Deserialize)]
+#[derive(Deserialize, SmartDefault)]
 #[serde(deny_unknown_fields, default)]
 pub struct TdSinkConfig {
     /// The API's base URL.
+    #[default("https://api.treasuredata.com")]
     pub endpoint: String,
     /// The API key (a write-only key is enough); or `api_key_file`, exactly one of them.
     pub api_key: Option<String>,
     /// A file holding the API key, so the YAML holds no secret (surrounding whitespace ignored).
     pub api_key_file: Option<PathBuf>,
     /// The database template; default: the record's own.
+    #[default("{database}")]
     pub database: String,
     /// The table template; default: the record's own.
+    #[default("{table}")]
     pub table: String,
     /// Create a table the API does not know (404), then import again.
+    #[default(true)]
     pub auto_create_table: bool,
     /// How long one request may take.
+    #[default(HumanDuration::secs(60))]
     pub timeout: HumanDuration,
-}
-
-impl Default for TdSinkConfig {
-    fn default() -> Self {
-        TdSinkConfig {
-            endpoint: "https://api.treasuredata.com".into(),
-            api_key: None,
-            api_key_file: None,
-            database: "{database}".into(),
-            table: "{table}".into(),
-            auto_create_table: true,
-            timeout: HumanDuration::secs(60),
-        }
-    }
 }
 
 /// Never prints the key.
