@@ -10,7 +10,7 @@ use log::{error, warn};
 use tokio::sync::watch;
 use tokio::time::sleep_until;
 
-use super::receiver::Receiver;
+use super::receiver::{Receiver, Taken};
 use super::status::SinkState;
 use super::DeliveryConfig;
 use crate::metrics;
@@ -108,7 +108,7 @@ impl Lane {
     /// Forms batches and delivers them until `closing` is set and the buffer is empty.
     async fn batches(&self, mut closing: watch::Receiver<Option<Instant>>) {
         let (max_records, max_bytes) = (self.policy.max_records, self.policy.max_bytes);
-        let mut batch = Vec::with_capacity(max_records);
+        let mut batch = Taken::new(&self.name);
         loop {
             batch = self.receiver.take(batch, max_records, max_bytes).await;
             if batch.is_empty() {
@@ -132,7 +132,7 @@ impl Lane {
                 batch = self.receiver.take(batch, max_records, max_bytes).await;
             }
             let id = self.receiver.seal(&self.name).await;
-            if self.deliver(&Batch::new(&batch, id), &closing).await {
+            if self.deliver(&batch.batch(id), &closing).await {
                 self.receiver.delivered(batch.len()).await;
                 batch.clear();
             } else {

@@ -10,27 +10,65 @@ use super::disk::DiskLog;
 use super::Buffer;
 use crate::metrics;
 use crate::record::Record;
+use crate::sink::{Batch, EncodedRecords};
 
 /// Takes batches from one sink's buffer.
 pub struct Receiver(pub(super) Buffer);
 
+/// The records taken for the batch being formed: as records from a memory buffer, as the JSON of
+/// their frames from a disk buffer.
+pub struct Taken {
+    records: Vec<Record>,
+    encoded: EncodedRecords,
+}
+
+impl Taken {
+    /// None yet, for the sink `sink`.
+    pub fn new(sink: &str) -> Self {
+        Taken {
+            records: Vec::new(),
+            encoded: EncodedRecords::new(sink),
+        }
+    }
+
+    /// How many records.
+    pub fn len(&self) -> usize {
+        self.records.len() + self.encoded.len()
+    }
+
+    /// `true` when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets them (they were delivered), keeping the allocations.
+    pub fn clear(&mut self) {
+        self.records.clear();
+        self.encoded.clear();
+    }
+
+    /// The records as the batch `id` for the sink.
+    pub fn batch(&self, id: String) -> Batch<'_> {
+        if self.encoded.is_empty() {
+            Batch::new(&self.records, id)
+        } else {
+            Batch::encoded(&self.encoded, id)
+        }
+    }
+}
+
 impl Receiver {
     /// Moves up to `max_records` records (about `max_bytes`) after those already in `batch` into
     /// it, and gives it back.
-    pub async fn take(
-        &self,
-        mut batch: Vec<Record>,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Vec<Record> {
+    pub async fn take(&self, mut batch: Taken, max_records: usize, max_bytes: usize) -> Taken {
         match &self.0 {
             Buffer::Memory(q) => {
-                q.take(&mut batch, max_records, max_bytes);
+                q.take(&mut batch.records, max_records, max_bytes);
                 batch
             }
             Buffer::Disk(d) => {
                 blocking(d, move |d| {
-                    d.take(&mut batch, max_records, max_bytes);
+                    d.take(&mut batch.encoded, max_records, max_bytes);
                     batch
                 })
                 .await

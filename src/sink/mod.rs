@@ -8,6 +8,7 @@
 //! kind lives in its own module with its configuration type, its validation and its code; a new
 //! kind adds its module and one line to `registry!` below.
 
+mod batch;
 mod file;
 mod fluent;
 mod http;
@@ -20,6 +21,8 @@ pub(crate) mod test_support;
 use async_trait::async_trait;
 use serde::Deserialize;
 
+pub use batch::Batch;
+pub use batch::EncodedRecords;
 pub use file::{FileSink, FileSinkConfig, RotateConfig};
 pub use fluent::{FluentSink, FluentSinkConfig};
 pub use http::{HttpSink, HttpSinkConfig};
@@ -28,7 +31,6 @@ pub use stdout::{StdoutSink, StdoutSinkConfig};
 pub use td::{TdSink, TdSinkConfig};
 
 use crate::config::Problem;
-use crate::record::Record;
 
 /// A record in a batch that the sink refused for good (it will never take it), with the reason.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,48 +39,6 @@ pub struct Rejection {
     pub index: usize,
     /// Why the sink will never take it; written to `rejected.jsonl`.
     pub reason: String,
-}
-
-/// One batch handed to [`LogSink::write_batch`]: the records, and an id for the batch.
-///
-/// The batch dereferences to its records (`batch.len()`, `batch.iter()`, `&batch[..]`).
-pub struct Batch<'a> {
-    records: &'a [Record],
-    id: String,
-}
-
-impl<'a> Batch<'a> {
-    /// A batch of `records` with the id `id` (see [`Batch::id`]).
-    pub fn new(records: &'a [Record], id: String) -> Self {
-        Batch { records, id }
-    }
-
-    /// The records, in the order they were accepted.
-    pub fn records(&self) -> &'a [Record] {
-        self.records
-    }
-
-    /// An id for this batch: the same id is passed every time the same records are retried, also
-    /// after a restart when the buffer is `disk`, so a sink whose peer de-duplicates by id (the `td`
-    /// sink) delivers exactly once. With `buffer: memory` it is unique per process only.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-}
-
-impl<'a> IntoIterator for &Batch<'a> {
-    type Item = &'a Record;
-    type IntoIter = std::slice::Iter<'a, Record>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.records.iter()
-    }
-}
-
-impl std::ops::Deref for Batch<'_> {
-    type Target = [Record];
-    fn deref(&self) -> &[Record] {
-        self.records
-    }
 }
 
 /// The cause kept inside a [`SinkError`].
@@ -303,11 +263,11 @@ pub(crate) fn more_than_zero(field: &str, sub: &str, zero: bool) -> Option<Probl
     zero.then(|| Problem::new(format!("{field}.{sub}"), "must be more than 0"))
 }
 
-/// Each record of `batch` as a JSON line, one after the other (the stdout, file and http sinks).
-pub(crate) fn json_lines(batch: &[Record]) -> Vec<u8> {
+/// Each record of `batch` as a JSON line, one after the other (the stdout and http sinks).
+pub(crate) fn json_lines(batch: &Batch<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.len() * 256);
-    for record in batch {
-        record.to_json_line(&mut out);
+    for line in batch.json_lines() {
+        out.extend_from_slice(&line);
     }
     out
 }

@@ -42,31 +42,63 @@ pub enum Frame {
     Corrupt(&'static str),
 }
 
-/// Decodes the frame at the start of `buf`.
-pub fn decode_frame(buf: &[u8]) -> Frame {
+/// What [`check_frame`] found at the start of a buffer.
+#[derive(Debug, PartialEq)]
+pub enum Checked<'a> {
+    /// A whole frame whose checksum holds, of `size` bytes (header included).
+    Valid {
+        payload: &'a [u8],
+        appended_ms: u64,
+        size: usize,
+    },
+    /// The buffer ends before the frame does: `need` bytes are needed in all.
+    Incomplete { need: usize },
+    /// Not a valid frame: a torn write or corruption.
+    Corrupt(&'static str),
+}
+
+/// Checks the frame at the start of `buf` (length and checksum) without reading its record: the
+/// buffer's reader hands the payload on as it is.
+pub fn check_frame(buf: &[u8]) -> Checked<'_> {
     if buf.len() < HEADER {
-        return Frame::Incomplete { need: HEADER };
+        return Checked::Incomplete { need: HEADER };
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len == 0 || len > MAX_FRAME_PAYLOAD {
-        return Frame::Corrupt("impossible frame length");
+        return Checked::Corrupt("impossible frame length");
     }
     let size = HEADER + len;
     if buf.len() < size {
-        return Frame::Incomplete { need: size };
+        return Checked::Incomplete { need: size };
     }
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     if crc32fast::hash(&buf[8..size]) != crc {
-        return Frame::Corrupt("checksum mismatch");
+        return Checked::Corrupt("checksum mismatch");
     }
-    let appended_ms = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
-    match serde_json::from_slice::<Record>(&buf[HEADER..size]) {
-        Ok(record) => Frame::Record {
-            record,
+    Checked::Valid {
+        payload: &buf[HEADER..size],
+        appended_ms: u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default()),
+        size,
+    }
+}
+
+/// Decodes the frame at the start of `buf`: [`check_frame`], then its record.
+pub fn decode_frame(buf: &[u8]) -> Frame {
+    match check_frame(buf) {
+        Checked::Valid {
+            payload,
             appended_ms,
             size,
+        } => match serde_json::from_slice::<Record>(payload) {
+            Ok(record) => Frame::Record {
+                record,
+                appended_ms,
+                size,
+            },
+            Err(_) => Frame::Corrupt("not a record"),
         },
-        Err(_) => Frame::Corrupt("not a record"),
+        Checked::Incomplete { need } => Frame::Incomplete { need },
+        Checked::Corrupt(why) => Frame::Corrupt(why),
     }
 }
 

@@ -13,13 +13,21 @@ use std::time::Duration;
 use log::{error, info, warn};
 
 use super::checkpoint::{write_checkpoint, write_intent};
-use super::frame::{decode_frame, Frame, HEADER};
+use super::frame::{check_frame, Checked, HEADER};
 use super::{segment_path, segments, since_ms, DiskLog, Position};
 use crate::metrics;
 use crate::record::Record;
+use crate::sink::EncodedRecords;
 use crate::sync::lock;
 
 const READ_CHUNK: usize = 1 << 20;
+
+/// A frame whose checksum holds, found by `read_frame`: where its payload is in the read chunk.
+struct Found {
+    payload: std::ops::Range<usize>,
+    appended_ms: u64,
+    size: usize,
+}
 
 pub(super) struct ReadState {
     pub at: Position,
@@ -59,9 +67,10 @@ impl ReadState {
 
 impl DiskLog {
     /// Reads up to `max_records` records (about `max_bytes`) past what was already taken into
-    /// `batch`; returns how many. Called by the lane only. After a restart, the first batch is
-    /// the one that was in flight, exactly (its records, whatever the limits say).
-    pub fn take(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
+    /// `batch`, as the JSON the frames hold (checksums checked; records are decoded only for a
+    /// sink that asks for them); returns how many. Called by the lane only. After a restart, the
+    /// first batch is the one that was in flight, exactly (its records, whatever the limits say).
+    pub fn take(&self, batch: &mut EncodedRecords, max_records: usize, max_bytes: usize) -> usize {
         if !self.owner.load(Ordering::SeqCst) {
             return 0;
         }
@@ -103,19 +112,15 @@ impl DiskLog {
                 continue;
             }
             match self.read_frame(&mut read, seg_end) {
-                Ok(Frame::Record {
-                    record,
-                    appended_ms,
-                    size,
-                }) => {
-                    read.at.offset += size as u64;
-                    read.consumed += size as u64;
-                    read.oldest_ms.get_or_insert(appended_ms);
-                    bytes += size;
-                    batch.push(record);
+                Ok(Some(found)) => {
+                    read.at.offset += found.size as u64;
+                    read.consumed += found.size as u64;
+                    read.oldest_ms.get_or_insert(found.appended_ms);
+                    bytes += found.size;
+                    batch.push(&read.chunk[found.payload]);
                     taken += 1;
                 }
-                Ok(Frame::Incomplete { .. }) | Ok(Frame::Corrupt(_)) => {
+                Ok(None) => {
                     self.resync(&mut read, seg_end, end);
                 }
                 Err(e) => {
@@ -177,7 +182,11 @@ impl DiskLog {
         let mut at = from + 1;
         while at + HEADER as u64 <= seg_end {
             read.at.offset = at;
-            if let Ok(Frame::Record { .. }) = self.read_frame(read, seg_end) {
+            // A place to go on from must hold a whole record, not just a plausible checksum.
+            let found = self.read_frame(read, seg_end).ok().flatten();
+            if found
+                .is_some_and(|f| serde_json::from_slice::<Record>(&read.chunk[f.payload]).is_ok())
+            {
                 let skipped = at - from;
                 warn!(
                     "sink {}: skipped {skipped} bytes of corrupt data in segment {} at offset {from}",
@@ -200,20 +209,31 @@ impl DiskLog {
         self.skipped(read, skipped, seg_end, end);
     }
 
-    /// The frame at `read.at`, reading the segment in chunks that never pass `seg_end`.
-    fn read_frame(&self, read: &mut ReadState, seg_end: u64) -> std::io::Result<Frame> {
+    /// The frame at `read.at` if it is whole and its checksum holds (`None`: torn or corrupt),
+    /// reading the segment in chunks that never pass `seg_end`.
+    fn read_frame(&self, read: &mut ReadState, seg_end: u64) -> std::io::Result<Option<Found>> {
         let mut need = HEADER;
         loop {
             let at = read.at.offset;
             let chunk_end = read.chunk_start + read.chunk.len() as u64;
             if read.chunk_start <= at && at + need as u64 <= chunk_end {
-                match decode_frame(&read.chunk[(at - read.chunk_start) as usize..]) {
-                    Frame::Incomplete { need: n } => need = n,
-                    frame => return Ok(frame),
+                let start = (at - read.chunk_start) as usize;
+                match check_frame(&read.chunk[start..]) {
+                    Checked::Incomplete { need: n } => need = n,
+                    Checked::Corrupt(_) => return Ok(None),
+                    Checked::Valid {
+                        appended_ms, size, ..
+                    } => {
+                        return Ok(Some(Found {
+                            payload: start + HEADER..start + size,
+                            appended_ms,
+                            size,
+                        }))
+                    }
                 }
             }
             if at + need as u64 > seg_end {
-                return Ok(Frame::Incomplete { need });
+                return Ok(None);
             }
             let want = (seg_end - at).min(READ_CHUNK.max(need) as u64) as usize;
             read.chunk.resize(want, 0);

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::*;
 use crate::delivery::DeliveryError;
 use crate::record::{Record, RecordBody};
+use crate::sink::{Batch, EncodedRecords};
 use crate::units::HumanDuration;
 
 /// A small record numbered `i` (its `time` and its one column).
@@ -21,6 +22,25 @@ pub(super) fn record(i: usize) -> Record {
             time: i as i64,
             columns: [("i".to_string(), i.to_string())].into_iter().collect(),
         },
+    }
+}
+
+/// `DiskLog::take`, with the records decoded for the assertions (as a sink asking for them gets
+/// them).
+trait TakeRecords {
+    fn take_records(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize;
+}
+
+impl TakeRecords for DiskLog {
+    fn take_records(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
+        let mut encoded = EncodedRecords::new("main");
+        let n = self.take(
+            &mut encoded,
+            max_records.saturating_sub(batch.len()),
+            max_bytes,
+        );
+        batch.extend_from_slice(Batch::encoded(&encoded, String::new()).records());
+        n
     }
 }
 
@@ -38,7 +58,7 @@ fn open(dir: &Path, max: u64) -> Arc<DiskLog> {
 
 fn take_all(log: &DiskLog) -> Vec<i64> {
     let mut batch = Vec::new();
-    while log.take(&mut batch, 1000, 1 << 20) > 0 {}
+    while log.take_records(&mut batch, 1000, 1 << 20) > 0 {}
     batch.iter().map(|r| r.body.time).collect()
 }
 
@@ -79,9 +99,9 @@ async fn appends_read_back_and_resume_at_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_with(dir.path(), 10).await;
     let mut batch = Vec::new();
-    assert_eq!(log.take(&mut batch, 4, 1 << 20), 4);
+    assert_eq!(log.take_records(&mut batch, 4, 1 << 20), 4);
     log.ack(0);
-    assert_eq!(log.take(&mut Vec::new(), 3, 1 << 20), 3); // taken, never acknowledged
+    assert_eq!(log.take_records(&mut Vec::new(), 3, 1 << 20), 3); // taken, never acknowledged
     log.close();
     drop(log);
 
@@ -149,7 +169,7 @@ async fn a_second_process_appends_and_takes_over_when_the_first_exits() {
     old.push(vec![record(3)]).await.unwrap();
     // The old one delivers part of its records, then exits.
     let mut batch = Vec::new();
-    old.take(&mut batch, 1, 1 << 20);
+    old.take_records(&mut batch, 1, 1 << 20);
     old.ack(0);
     old.close();
     drop(old); // releases the lock
@@ -231,18 +251,22 @@ async fn the_batch_in_flight_is_rebuilt_with_its_id_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_with(dir.path(), 5).await;
     let mut batch = Vec::new();
-    log.take(&mut batch, 2, 1 << 20);
+    log.take_records(&mut batch, 2, 1 << 20);
     let (first, written) = log.seal();
     written.unwrap();
     log.ack(2);
     let mut batch = Vec::new();
-    log.take(&mut batch, 2, 1 << 20);
-    assert_eq!(log.take(&mut batch, 3, 1 << 20), 1, "not sealed yet");
+    log.take_records(&mut batch, 2, 1 << 20);
+    assert_eq!(
+        log.take_records(&mut batch, 3, 1 << 20),
+        1,
+        "not sealed yet"
+    );
     let (id, written) = log.seal();
     written.unwrap();
     assert_ne!(id, first);
     assert_eq!(
-        log.take(&mut batch, 10, 1 << 20),
+        log.take_records(&mut batch, 10, 1 << 20),
         0,
         "sealed: nothing joins"
     );
@@ -255,8 +279,8 @@ async fn the_batch_in_flight_is_rebuilt_with_its_id_after_a_crash() {
     let log = open(dir.path(), 1 << 30);
     push_each(&log, 5..8).await;
     let mut again = Vec::new();
-    log.take(&mut again, 1, 1 << 20);
-    assert_eq!(log.take(&mut again, 1000, 1 << 20), 0);
+    log.take_records(&mut again, 1, 1 << 20);
+    assert_eq!(log.take_records(&mut again, 1000, 1 << 20), 0);
     assert_eq!(again.iter().map(|r| r.body.time).collect::<Vec<_>>(), sent);
     assert_eq!(log.seal().0, id);
     log.ack(3);

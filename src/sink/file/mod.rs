@@ -18,7 +18,6 @@ mod config;
 pub use config::{FileSinkConfig, RotateConfig};
 
 use super::{Batch, LogSink, Rejection, SinkError};
-use crate::record::Record;
 use crate::sync::lock;
 
 struct Current {
@@ -70,7 +69,7 @@ impl FileSink {
         Ok(())
     }
 
-    fn write_lines(&self, batch: &[Record]) -> std::io::Result<()> {
+    fn write_lines(&self, batch: &Batch<'_>) -> std::io::Result<()> {
         let mut current = lock(&self.current);
         if self
             .interval
@@ -79,10 +78,7 @@ impl FileSink {
             self.rotate(&mut current)?;
         }
         let mut pending = Vec::with_capacity(batch.len() * 256);
-        let mut line = Vec::with_capacity(512);
-        for record in batch {
-            line.clear();
-            record.to_json_line(&mut line);
+        for line in batch.json_lines() {
             let size = current.written + (pending.len() + line.len()) as u64;
             if size > self.max_bytes && current.written + pending.len() as u64 > 0 {
                 Self::append(&mut current, &pending)?;
@@ -156,6 +152,7 @@ impl LogSink for FileSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Record;
     use crate::sink::test_support::{test_record, write};
     use crate::units::{ByteSize, HumanDuration};
 
