@@ -131,7 +131,10 @@ impl Lane {
                 }
                 batch = self.receiver.take(batch, max_records, max_bytes).await;
             }
-            let id = self.receiver.seal(&self.name).await;
+            let id = self
+                .receiver
+                .seal(&self.name, self.sink.needs_stable_batch_ids())
+                .await;
             if self.deliver(&batch.batch(id), &closing).await {
                 self.receiver.delivered(batch.len()).await;
                 batch.clear();

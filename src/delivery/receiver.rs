@@ -85,13 +85,13 @@ impl Receiver {
     }
 
     /// The records taken since the last release are the batch: returns its id. With
-    /// `buffer: disk` its range is made durable first, so after a crash the same records come
-    /// again, first, under the same id.
-    pub async fn seal(&self, sink: &str) -> String {
+    /// `buffer: disk` and `stable_id` (the sink needs it) its range is made durable first, so
+    /// after a crash the same records come again, first, under the same id.
+    pub async fn seal(&self, sink: &str, stable_id: bool) -> String {
         match &self.0 {
             Buffer::Memory(q) => q.batch_id(),
             Buffer::Disk(d) => {
-                let (id, written) = blocking(d, |d| d.seal()).await;
+                let (id, written) = blocking(d, move |d| d.seal(stable_id)).await;
                 if let Err(e) = written {
                     warn!("sink {sink}: cannot record the batch's range before sending it (after a crash it may be sent again under another id): {e}");
                 }

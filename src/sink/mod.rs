@@ -159,6 +159,15 @@ pub trait LogSink: Send + Sync {
     fn peer_down(&self) -> Option<String> {
         None
     }
+
+    /// `true` (the default) when the sink relies on [`Batch::id`] staying the same for the same
+    /// records after a restart, as the `td` sink does to de-duplicate: with `buffer: disk` the
+    /// range of each batch is then made durable (written and fsynced) before its first send. A
+    /// sink that does not use the id returns `false` and saves two fsyncs per batch; after a
+    /// crash it gets the same records again, in batches that may be cut differently.
+    fn needs_stable_batch_ids(&self) -> bool {
+        true
+    }
 }
 
 /// What each kind of sink gives the registry: implemented by its configuration type.

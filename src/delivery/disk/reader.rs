@@ -142,11 +142,12 @@ impl DiskLog {
         taken
     }
 
-    /// The records taken since the last acknowledgement are the batch: makes its range durable
-    /// (the `intent` file, fsynced) and returns its id, which the same records get again after a
-    /// restart. An error means the intent could not be written: the batch may still be sent,
-    /// but after a crash it may be rebuilt differently (a duplicate, never a loss).
-    pub fn seal(&self) -> (String, std::io::Result<()>) {
+    /// The records taken since the last acknowledgement are the batch: returns its id and, when
+    /// `durable` (the sink needs stable batch ids), makes its range durable first (the `intent`
+    /// file, fsynced), so the same records get the same id again after a restart. An error means
+    /// the intent could not be written: the batch may still be sent, but after a crash it may be
+    /// rebuilt differently (a duplicate, never a loss).
+    pub fn seal(&self, durable: bool) -> (String, std::io::Result<()>) {
         let mut read = lock(&self.read);
         let (from, to) = (read.batch_start, read.at);
         let id = format!(
@@ -157,7 +158,11 @@ impl DiskLog {
             Ok(()) // rebuilt from the intent that is on disk
         } else {
             read.sealed = true;
-            write_intent(&self.dir, from, to)
+            if durable {
+                write_intent(&self.dir, from, to)
+            } else {
+                Ok(())
+            }
         };
         (id, written)
     }
