@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -334,13 +335,38 @@ async fn after_sigterm_readyz_never_answers_200() {
     let origin = Origin::start();
     let proxy = Proxy::start(origin.peer());
     assert_eq!(readyz(&proxy).await, 200);
+    // Pingora stops accepting connections at SIGTERM; a health check whose request was already
+    // on its way is still answered, and that answer must say "not ready".
+    let mut check = std::net::TcpStream::connect(("127.0.0.1", proxy.admin_port)).unwrap();
+    check
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    check
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\n")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.sigterm();
-    // The signal needs a moment to arrive; from then on, no 200.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The signal has arrived once the listener is gone; the readiness flag is set at that moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", proxy.admin_port)).is_ok() {
+        assert!(Instant::now() < deadline, "the admin listener never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    check.write_all(b"\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = check.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 "),
+        "the health check in flight at SIGTERM got: {answer:?}"
+    );
+    assert!(answer.contains("shutting down"), "{answer}");
+
+    // New connections find no listener, never a 200.
     let client = client();
-    let until = Instant::now() + Duration::from_secs(1);
+    let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
-        // Refused connections are fine too: the admin listener may already be gone.
         if let Ok(resp) = client.get(proxy.admin_url("/readyz")).send().await {
             assert_ne!(resp.status(), 200, "/readyz answered 200 after SIGTERM");
         }
