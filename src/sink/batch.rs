@@ -85,9 +85,10 @@ impl<'a> Batch<'a> {
         )
     }
 
-    /// An id for this batch: the same id is passed every time the same records are retried, also
-    /// after a restart when the buffer is `disk`, so a sink whose peer de-duplicates by id (the `td`
-    /// sink) delivers exactly once. With `buffer: memory` it is unique per process only.
+    /// An id for this batch: the same id is passed every time the same records are retried, and,
+    /// for a sink whose [`super::LogSink::needs_stable_batch_ids`] is `true`, also after a restart
+    /// when the buffer is `disk`, so a sink whose peer de-duplicates by id (the `td` sink)
+    /// delivers exactly once. With `buffer: memory` it is unique per process only.
     pub fn id(&self) -> &str {
         &self.id
     }

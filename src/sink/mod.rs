@@ -160,13 +160,13 @@ pub trait LogSink: Send + Sync {
         None
     }
 
-    /// `true` (the default) when the sink relies on [`Batch::id`] staying the same for the same
-    /// records after a restart, as the `td` sink does to de-duplicate: with `buffer: disk` the
-    /// range of each batch is then made durable (written and fsynced) before its first send. A
-    /// sink that does not use the id returns `false` and saves two fsyncs per batch; after a
-    /// crash it gets the same records again, in batches that may be cut differently.
+    /// `true` when the sink relies on [`Batch::id`] staying the same for the same records after
+    /// a restart, as the `td` sink does to de-duplicate: with `buffer: disk` the range of each
+    /// batch is then made durable (written and fsynced) before its first send. The default,
+    /// `false`, saves those two fsyncs per batch; after a crash the sink gets the same records
+    /// again, in batches that may be cut differently and carry other ids.
     fn needs_stable_batch_ids(&self) -> bool {
-        true
+        false
     }
 }
 

@@ -36,11 +36,6 @@ impl StdoutSink {
 
 #[async_trait]
 impl LogSink for StdoutSink {
-    // Batch ids are not used here: a batch needs no durable range before it is sent.
-    fn needs_stable_batch_ids(&self) -> bool {
-        false
-    }
-
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         let buf = json_lines(batch);
         let mut out = std::io::stdout().lock();

@@ -134,11 +134,6 @@ fn rotated_name(path: &Path) -> PathBuf {
 
 #[async_trait]
 impl LogSink for FileSink {
-    // Batch ids are not used here: a batch needs no durable range before it is sent.
-    fn needs_stable_batch_ids(&self) -> bool {
-        false
-    }
-
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         self.write_lines(batch)
             .map_err(|e| SinkError::io(format!("cannot write {}", self.path.display()), e))?;

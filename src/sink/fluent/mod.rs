@@ -235,11 +235,6 @@ async fn read_ack(stream: &mut TcpStream) -> Result<String, String> {
 
 #[async_trait]
 impl LogSink for FluentSink {
-    // Batch ids are not used here: a batch needs no durable range before it is sent.
-    fn needs_stable_batch_ids(&self) -> bool {
-        false
-    }
-
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         if batch.is_empty() {
             return Ok(Vec::new());

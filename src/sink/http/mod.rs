@@ -84,11 +84,6 @@ pub(crate) async fn excerpt(response: reqwest::Response) -> String {
 
 #[async_trait]
 impl LogSink for HttpSink {
-    // Batch ids are not used here: a batch needs no durable range before it is sent.
-    fn needs_stable_batch_ids(&self) -> bool {
-        false
-    }
-
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         let mut body = json_lines(batch);
         let mut request = self

@@ -347,11 +347,6 @@ impl Tally {
 
 #[async_trait]
 impl LogSink for KafkaSink {
-    // Batch ids are not used here: a batch needs no durable range before it is sent.
-    fn needs_stable_batch_ids(&self) -> bool {
-        false
-    }
-
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         if batch.is_empty() {
             return Ok(Vec::new());

@@ -257,6 +257,11 @@ impl TdSink {
 
 #[async_trait]
 impl LogSink for TdSink {
+    // The import's unique_id comes from the batch id: it must survive a restart.
+    fn needs_stable_batch_ids(&self) -> bool {
+        true
+    }
+
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
         let batch_id = self.batch_id(batch);
         let mut rejections = Vec::new();
