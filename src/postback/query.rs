@@ -56,7 +56,7 @@ mod tests {
 
     #[test]
     fn decodes_plus_and_percent_and_odd_shapes() {
-        let cases: [(&str, &[(&str, &str)]); 4] = [
+        let cases: [(&str, &[(&str, &str)]); 5] = [
             (
                 "page=%2Fhome&q=a+b%2Bc&e=%E2%82%AC",
                 &[("page", "/home"), ("q", "a b+c"), ("e", "€")],
@@ -68,6 +68,11 @@ mod tests {
             ("", &[]),
             // A lone or broken escape is kept as written, as browsers do.
             ("a=100%&b=%zz", &[("a", "100%"), ("b", "%zz")]),
+            // `+` is a space even next to an escape; an escaped `+` stays one.
+            (
+                "a=%+b&c=%2+&d=+%2B+&e%2B=f+",
+                &[("a", "% b"), ("c", "%2 "), ("d", " + "), ("e+", "f ")],
+            ),
         ];
         for (query, want) in cases {
             let got = parse_pairs(query.as_bytes()).unwrap();
