@@ -639,14 +639,19 @@ fn cpu_seconds(tools: &Tools, pids: &[u32]) -> f64 {
     ticks as f64 / tools.clock_ticks
 }
 
-/// VmHWM of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
+/// The `field` line of `/proc/PID/status` (`VmHWM`, `VmRSS`, ...), in KiB; 0 when unknown.
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// VmHWM of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM")
 }
 
 fn start_origin(tools: &Tools, layout: Layout, dir: &Path) -> (Process, u16) {
@@ -1243,16 +1248,7 @@ fn main() {
 
 /// VmRSS of these processes together, in KiB.
 fn rss_kib(pids: &[u32]) -> u64 {
-    pids.iter()
-        .map(|pid| {
-            let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+    pids.iter().map(|&pid| status_kib(pid, "VmRSS")).sum()
 }
 
 /// For nginx, the proxy and the baseline (pinned layout, disk buffer, the pixel's

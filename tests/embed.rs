@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::proxy::free_port;
-use common::{client, Origin, Resp, PIXEL_GIF};
+use common::{get, Origin, PIXEL_GIF};
 
 /// The example's binary: a whole `cargo test` builds it beside the test binaries; a run of
 /// this file alone (`cargo test --test embed`) builds it here.
@@ -66,16 +66,10 @@ async fn the_embedding_example_answers_pixels_into_its_own_sink_and_proxies_the_
     }
     let base = format!("http://127.0.0.1:{port}");
 
-    let pixel = Resp::from(
-        client()
-            .get(format!(
-                "{base}/postback/v3/event/web/pageviews?td_format=pixel&td_write_key=demo-key&page=/home"
-            ))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let pixel = format!(
+        "{base}/postback/v3/event/web/pageviews?td_format=pixel&td_write_key=demo-key&page=/home"
+    );
+    let pixel = get(&pixel, &[]).await;
     assert_eq!(pixel.status, 200);
     assert_eq!(pixel.header("content-type").as_deref(), Some("image/gif"));
     assert_eq!(pixel.body, PIXEL_GIF);
@@ -84,26 +78,14 @@ async fn the_embedding_example_answers_pixels_into_its_own_sink_and_proxies_the_
         .expect("the custom sink printed the record");
     assert_eq!(line, "web.pageviews 1 page=/home");
 
-    let refused = Resp::from(
-        client()
-            .get(format!(
-                "{base}/postback/v3/event/web/pageviews?td_write_key=wrong"
-            ))
-            .send()
-            .await
-            .unwrap(),
+    let refused = get(
+        &format!("{base}/postback/v3/event/web/pageviews?td_write_key=wrong"),
+        &[],
     )
     .await;
     assert_eq!(refused.status, 403);
 
-    let page = Resp::from(
-        client()
-            .get(format!("{base}/shop?x=1"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let page = get(&format!("{base}/shop?x=1"), &[]).await;
     assert_eq!(page.status, 200);
     let seen = origin.request_to("/shop?x=1");
     assert_eq!(seen.method, "GET");
