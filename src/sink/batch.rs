@@ -85,6 +85,19 @@ impl<'a> Batch<'a> {
         )
     }
 
+    /// Appends every record's JSON line to `out`: one copy of the disk buffer's bytes, or each
+    /// record encoded straight into `out`.
+    pub fn write_json_lines(&self, out: &mut Vec<u8>) {
+        match self.records {
+            Records::Decoded(records) => {
+                for record in records {
+                    record.to_json_line(out);
+                }
+            }
+            Records::Encoded(encoded) => out.extend_from_slice(&encoded.text),
+        }
+    }
+
     /// An id for this batch: the same id is passed every time the same records are retried, and,
     /// for a sink whose [`super::LogSink::needs_stable_batch_ids`] is `true`, also after a restart
     /// when the buffer is `disk`, so a sink whose peer de-duplicates by id (the `td` sink)
@@ -210,6 +223,11 @@ mod tests {
         let disk_lines: Vec<Vec<u8>> = from_disk.json_lines().map(Cow::into_owned).collect();
         assert_eq!(lines, disk_lines);
         assert!(lines.iter().all(|l| l.ends_with(b"}\n")));
+        let (mut all, mut disk_all) = (Vec::new(), Vec::new());
+        plain.write_json_lines(&mut all);
+        from_disk.write_json_lines(&mut disk_all);
+        assert_eq!(all, lines.concat());
+        assert_eq!(disk_all, all);
         assert_eq!(from_disk.records(), &records[..]);
         assert_eq!(&from_disk[1], &records[1]);
 

@@ -275,9 +275,7 @@ pub(crate) fn more_than_zero(field: &str, sub: &str, zero: bool) -> Option<Probl
 /// Each record of `batch` as a JSON line, one after the other (the stdout and http sinks).
 pub(crate) fn json_lines(batch: &Batch<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.len() * 256);
-    for line in batch.json_lines() {
-        out.extend_from_slice(&line);
-    }
+    batch.write_json_lines(&mut out);
     out
 }
 
