@@ -2,30 +2,33 @@
 //! td-js-sdk batch of events; and the special parameters (`td_format`, `td_write_key`,
 //! `td_record_time`, `td_redirect`) that are never columns.
 
+use std::borrow::Cow;
+
 use http::{header, HeaderMap, Method};
 use serde_json::Value;
 
-use super::query::parse_pairs;
+use super::query::{parse_pairs, Pair};
 use super::reply::{ErrorKind, Refusal};
 
-/// The special parameters and the columns gathered from a query, form or JSON object.
+/// The special parameters and the columns gathered from a query, form or JSON object; what
+/// needed no decoding is borrowed from the request.
 #[derive(Default)]
-pub struct Params {
-    pub format: Option<String>,
-    pub write_key: Option<String>,
-    pub record_time: Option<String>,
-    pub redirect: Option<String>,
+pub struct Params<'a> {
+    pub format: Option<Cow<'a, str>>,
+    pub write_key: Option<Cow<'a, str>>,
+    pub record_time: Option<Cow<'a, str>>,
+    pub redirect: Option<Cow<'a, str>>,
     /// In order; a later column with the same name wins.
-    pub columns: Vec<(String, String)>,
+    pub columns: Vec<Pair<'a>>,
 }
 
 /// A request's parameters: the query's (and a form body's), and for a JSON body one set per
 /// record to make.
-pub struct Parsed {
+pub struct Parsed<'a> {
     /// From the query string and, for a form body, the body.
-    pub query: Params,
+    pub query: Params<'a>,
     /// `Some` for JSON bodies: one record per object. `None`: one record from `query`.
-    pub objects: Option<Vec<Params>>,
+    pub objects: Option<Vec<Params<'a>>>,
 }
 
 /// A 400 with `message`.
@@ -33,9 +36,9 @@ pub fn bad(message: impl Into<String>) -> Refusal {
     Refusal::new(ErrorKind::BadRequest, message)
 }
 
-impl Params {
-    fn add(&mut self, name: String, value: String) {
-        match name.as_str() {
+impl<'a> Params<'a> {
+    fn add(&mut self, name: Cow<'a, str>, value: Cow<'a, str>) {
+        match &*name {
             "td_format" => self.format = Some(value),
             "td_write_key" => self.write_key = Some(value),
             "td_record_time" => self.record_time = Some(value),
@@ -46,7 +49,7 @@ impl Params {
         }
     }
 
-    fn from_pairs(pairs: Vec<(String, String)>) -> Params {
+    fn from_pairs(pairs: Vec<Pair<'a>>) -> Params<'a> {
         let mut p = Params::default();
         for (name, value) in pairs {
             p.add(name, value);
@@ -57,7 +60,7 @@ impl Params {
     /// Columns and `td_record_time` from a JSON object. Strings are kept, other scalars and nested
     /// values become their JSON text, `null` is no column. Write keys, formats and redirects in a
     /// body are ignored (and never become columns).
-    fn from_json_object(object: serde_json::Map<String, Value>) -> Params {
+    fn from_json_object(object: serde_json::Map<String, Value>) -> Params<'a> {
         let mut p = Params::default();
         for (name, value) in object {
             let value = match value {
@@ -65,7 +68,7 @@ impl Params {
                 Value::String(s) => s,
                 other => other.to_string(),
             };
-            p.add(name, value);
+            p.add(Cow::Owned(name), Cow::Owned(value));
         }
         p.write_key = None;
         p.format = None;
@@ -75,12 +78,12 @@ impl Params {
 }
 
 /// Parses the query and, for a POST, the body by its `Content-Type`.
-pub fn parse(
+pub fn parse<'a>(
     method: &Method,
-    query: Option<&str>,
+    query: Option<&'a str>,
     headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Parsed, Refusal> {
+    body: &'a [u8],
+) -> Result<Parsed<'a>, Refusal> {
     let pairs = parse_pairs(query.unwrap_or("").as_bytes()).map_err(|e| bad(e.0))?;
     let mut parsed = Parsed {
         query: Params::from_pairs(pairs),

@@ -105,7 +105,14 @@ pub struct PrivacyPolicy {
     /// The User-Agent needles as one automaton, ASCII case-insensitive (issue 12: one pass over
     /// the User-Agent instead of lower-casing it and searching it once per needle).
     bot_needles: aho_corasick::AhoCorasick,
+    /// The same needles (lower case) for a SIMD search of a lower-cased copy of the User-Agent:
+    /// about half the DFA's time, and no large table to miss in the cache. `None` where the CPU
+    /// or the number of needles does not allow it.
+    bot_needles_packed: Option<aho_corasick::packed::Searcher>,
 }
+
+/// A User-Agent up to this long is lower-cased on the stack for the packed search.
+const PACKED_UA_MAX: usize = 512;
 
 /// What the rules say about one request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,7 +164,8 @@ impl PrivacyPolicy {
                 .iter()
                 .map(|s| s.trim().to_ascii_lowercase()),
         );
-        // A DFA: a few KiB for these needles, and the fastest scan of a User-Agent per request.
+        let bot_needles_packed = aho_corasick::packed::Searcher::new(bot_needles.iter());
+        // A DFA: the scan for a User-Agent the packed searcher does not take.
         let bot_needles = aho_corasick::AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .kind(Some(aho_corasick::AhoCorasickKind::DFA))
@@ -171,6 +179,7 @@ impl PrivacyPolicy {
         Ok(PrivacyPolicy {
             cfg: cfg.clone(),
             bot_needles,
+            bot_needles_packed,
         })
     }
 
@@ -217,7 +226,16 @@ impl PrivacyPolicy {
         };
         // As before the automaton: the User-Agent as (lossy) UTF-8, ASCII letters folded.
         match std::str::from_utf8(ua.as_bytes()) {
-            Ok(ua) => self.bot_needles.is_match(ua),
+            Ok(ua) => match &self.bot_needles_packed {
+                Some(packed) if ua.len() <= PACKED_UA_MAX => {
+                    let mut lower = [0u8; PACKED_UA_MAX];
+                    let lower = &mut lower[..ua.len()];
+                    lower.copy_from_slice(ua.as_bytes());
+                    lower.make_ascii_lowercase();
+                    packed.find(&*lower).is_some()
+                }
+                _ => self.bot_needles.is_match(ua),
+            },
             Err(_) => self
                 .bot_needles
                 .is_match(String::from_utf8_lossy(ua.as_bytes()).as_ref()),
@@ -320,6 +338,37 @@ mod tests {
                 .assess(&headers(&[("purpose", "prefetch")]))
                 .bot,
             None
+        );
+    }
+
+    #[test]
+    fn the_packed_search_and_the_automaton_agree() {
+        let p = policy("{bot_user_agents: [MyMonitor, \"Ünï Agent\"]}");
+        let mut agents: Vec<String> = KNOWN_BOTS
+            .iter()
+            .map(|n| format!("Mozilla/5.0 ({}) x", n.to_ascii_uppercase()))
+            .collect();
+        agents.extend([
+            "MYMONITOR".to_string(),
+            "Ünï AGENT/1".to_string(),
+            "Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0".to_string(),
+            "b".to_string(),
+            // Past the stack copy: the automaton alone.
+            format!("{}Bot", "x".repeat(PACKED_UA_MAX)),
+            "x".repeat(PACKED_UA_MAX + 1),
+        ]);
+        for ua in &agents {
+            let want = p.bot_needles.is_match(ua.as_str());
+            let h = headers(&[("user-agent", ua)]);
+            assert_eq!(p.is_bot_agent(&h), want, "{ua}");
+        }
+        assert!(p.bot_needles_packed.is_some(), "SIMD search on this CPU");
+        assert_eq!(
+            agents
+                .iter()
+                .filter(|ua| p.bot_needles.is_match(ua.as_str()))
+                .count(),
+            KNOWN_BOTS.len() + 3
         );
     }
 

@@ -1,5 +1,8 @@
 //! Decoding `application/x-www-form-urlencoded` text: query strings and form bodies.
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 use percent_encoding::percent_decode;
 
 /// A query string that is not valid UTF-8 once decoded.
@@ -7,38 +10,97 @@ use percent_encoding::percent_decode;
 #[error("{0}")]
 pub struct QueryError(pub String);
 
+/// One decoded `name=value`: borrowed from the input where it needed no decoding.
+pub type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
+
 /// Splits `input` on `&`, each piece on its first `=`, and decodes both halves: `+` is a space,
 /// `%XX` a byte, and the result must be UTF-8. Empty pieces (`a=1&&b=2`) are skipped; a piece
 /// without `=` is a name with an empty value. Runs once per postback, on the query and on a form
 /// body. The error names the parameter (never its value, which may be a write key).
-pub fn parse_pairs(input: &[u8]) -> Result<Vec<(String, String)>, QueryError> {
+pub fn parse_pairs(input: &[u8]) -> Result<Vec<Pair<'_>>, QueryError> {
+    // Checked once as a whole: a piece of valid UTF-8 cut at an ASCII `&` or `=` is valid too.
+    let text = std::str::from_utf8(input).ok();
     let mut pairs = Vec::new();
-    for piece in input.split(|&b| b == b'&') {
-        if piece.is_empty() {
-            continue;
+    // One pass over the bytes finds the pieces, their first `=` and which halves need decoding.
+    let mut piece = Piece::starting(0);
+    for (i, &b) in input.iter().enumerate() {
+        match b {
+            b'&' => {
+                piece.end(input, text, i, &mut pairs)?;
+                piece = Piece::starting(i + 1);
+            }
+            b'=' if piece.eq.is_none() => piece.eq = Some(i),
+            b'%' | b'+' if piece.eq.is_none() => piece.name_escaped = true,
+            b'%' | b'+' => piece.value_escaped = true,
+            _ => {}
         }
-        let (name, value) = match piece.iter().position(|&b| b == b'=') {
-            Some(i) => (&piece[..i], &piece[i + 1..]),
-            None => (piece, &b""[..]),
+    }
+    piece.end(input, text, input.len(), &mut pairs)?;
+    Ok(pairs)
+}
+
+/// The `&`-separated piece being read.
+struct Piece {
+    start: usize,
+    /// Where its first `=` is.
+    eq: Option<usize>,
+    name_escaped: bool,
+    value_escaped: bool,
+}
+
+impl Piece {
+    fn starting(start: usize) -> Piece {
+        Piece {
+            start,
+            eq: None,
+            name_escaped: false,
+            value_escaped: false,
+        }
+    }
+
+    /// Decodes the piece, which ends at `end`, into `pairs` (unless it is empty).
+    fn end<'a>(
+        &self,
+        input: &'a [u8],
+        text: Option<&'a str>,
+        end: usize,
+        pairs: &mut Vec<Pair<'a>>,
+    ) -> Result<(), QueryError> {
+        if self.start == end {
+            return Ok(());
+        }
+        let (name, value) = match self.eq {
+            Some(eq) => (self.start..eq, eq + 1..end),
+            None => (self.start..end, end..end),
         };
-        let name =
-            decode(name).map_err(|_| QueryError("a parameter name is not valid UTF-8".into()))?;
-        let value = decode(value).map_err(|_| {
+        let name = decode(input, text, name, self.name_escaped)
+            .map_err(|_| QueryError("a parameter name is not valid UTF-8".into()))?;
+        let value = decode(input, text, value, self.value_escaped).map_err(|_| {
             QueryError(format!(
                 "the value of parameter `{}` is not valid UTF-8",
                 name.escape_default()
             ))
         })?;
         pairs.push((name, value));
+        Ok(())
     }
-    Ok(pairs)
 }
 
-/// Decodes one name or value. Most are plain (no `+`, no `%`): those are validated and copied
-/// once; the others are decoded a `+`-separated piece at a time into one buffer of the right size.
-fn decode(raw: &[u8]) -> Result<String, std::string::FromUtf8Error> {
-    if !raw.iter().any(|&b| b == b'+' || b == b'%') {
-        return String::from_utf8(raw.to_vec());
+/// Decodes the name or value at `range` of `input` (`text` is `input` when it is UTF-8). Most are
+/// plain (no `+`, no `%`): those are borrowed; the others are decoded a `+`-separated piece at a
+/// time into one buffer of the right size.
+fn decode<'a>(
+    input: &'a [u8],
+    text: Option<&'a str>,
+    range: Range<usize>,
+    escaped: bool,
+) -> Result<Cow<'a, str>, std::str::Utf8Error> {
+    let raw = &input[range.clone()];
+    if !escaped {
+        return match text {
+            Some(text) => Ok(Cow::Borrowed(&text[range])),
+            None => std::str::from_utf8(raw).map(Cow::Borrowed),
+        };
     }
     let mut out = Vec::with_capacity(raw.len());
     for (i, piece) in raw.split(|&b| b == b'+').enumerate() {
@@ -48,6 +110,8 @@ fn decode(raw: &[u8]) -> Result<String, std::string::FromUtf8Error> {
         out.extend(percent_decode(piece));
     }
     String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|e| e.utf8_error())
 }
 
 #[cfg(test)]
@@ -56,7 +120,7 @@ mod tests {
 
     #[test]
     fn decodes_plus_and_percent_and_odd_shapes() {
-        let cases: [(&str, &[(&str, &str)]); 5] = [
+        let cases: [(&str, &[(&str, &str)]); 6] = [
             (
                 "page=%2Fhome&q=a+b%2Bc&e=%E2%82%AC",
                 &[("page", "/home"), ("q", "a b+c"), ("e", "€")],
@@ -73,10 +137,15 @@ mod tests {
                 "a=%+b&c=%2+&d=+%2B+&e%2B=f+",
                 &[("a", "% b"), ("c", "%2 "), ("d", " + "), ("e+", "f ")],
             ),
+            // Only the half with an escape is decoded; the first `=` splits, escaped or not.
+            (
+                "a+b=c%26d=e&x=y+z&p%3Dq=r",
+                &[("a b", "c&d=e"), ("x", "y z"), ("p=q", "r")],
+            ),
         ];
         for (query, want) in cases {
             let got = parse_pairs(query.as_bytes()).unwrap();
-            let got: Vec<_> = got.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let got: Vec<_> = got.iter().map(|(k, v)| (&**k, &**v)).collect();
             assert_eq!(got, want, "{query}");
         }
     }
@@ -90,5 +159,9 @@ mod tests {
         );
         assert!(parse_pairs(b"%C3%28=1").is_err());
         assert!(parse_pairs(b"a=\xff").is_err());
+        // Not UTF-8 as a whole, yet UTF-8 once decoded: a raw `\xC3` then `%A9` is "é".
+        let pairs = parse_pairs(b"a=1&n=\xC3%A9&b=\xC3\xA9").unwrap();
+        let pairs: Vec<_> = pairs.iter().map(|(k, v)| (&**k, &**v)).collect();
+        assert_eq!(pairs, [("a", "1"), ("n", "é"), ("b", "é")]);
     }
 }

@@ -1,6 +1,7 @@
 //! Building a postback's records from its parameters: the `time` column, the placeholders
 //! (`td_ip`, `td_ua`, `td_global_id`) filled in as the privacy rules allow, and `max_columns`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use http::header;
@@ -57,14 +58,14 @@ impl<'a> RecordBuilder<'a> {
     pub fn record(
         &mut self,
         time: i64,
-        columns: impl Iterator<Item = (String, String)>,
+        columns: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
     ) -> Result<Record, Refusal> {
         let mut map = BTreeMap::new();
         for (name, value) in columns {
             let Some(value) = self.value(&name, value) else {
                 continue;
             };
-            map.insert(name, value);
+            map.insert(name.into_owned(), value);
             if map.len() > self.max_columns {
                 return Err(Refusal::new(
                     ErrorKind::PayloadTooLarge,
@@ -83,8 +84,8 @@ impl<'a> RecordBuilder<'a> {
     /// query's columns first. `time_of` gives a record's `time` from its `td_record_time`.
     pub fn records(
         &mut self,
-        query: Params,
-        objects: Option<Vec<Params>>,
+        query: Params<'a>,
+        objects: Option<Vec<Params<'a>>>,
         time_of: impl Fn(Option<&str>) -> i64,
     ) -> Result<Vec<Record>, Refusal> {
         let base_time = time_of(query.record_time.as_deref());
@@ -104,11 +105,11 @@ impl<'a> RecordBuilder<'a> {
     }
 
     /// The value column `name` gets, or `None` when the privacy rules leave it out.
-    fn value(&mut self, name: &str, value: String) -> Option<String> {
+    fn value(&mut self, name: &str, value: Cow<'_, str>) -> Option<String> {
         match name {
             "td_ip" | "td_ua" | "td_global_id" if self.identity.strip => return None,
             "td_global_id" if !self.identity.identifiers => return None,
-            _ if name != value => return Some(value),
+            _ if name != value => return Some(value.into_owned()),
             _ => {}
         }
         Some(match name {
@@ -120,10 +121,14 @@ impl<'a> RecordBuilder<'a> {
                 .req
                 .headers
                 .get(header::USER_AGENT)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .map(|v| match v.to_str() {
+                    Ok(ua) => ua.to_owned(),
+                    // Not visible ASCII: kept as (lossy) UTF-8.
+                    Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                })
                 .unwrap_or_default(),
             "td_global_id" => self.identity.global_id.to_owned(),
-            _ => value,
+            _ => value.into_owned(),
         })
     }
 }
