@@ -16,6 +16,7 @@ use percent_encoding::percent_decode;
 use postback_proxy::http::client_ip::{ClientIpConfig, ClientIpPolicy};
 use postback_proxy::postback::auth::{KeyStore, WriteKeyConfig};
 use postback_proxy::postback::config::PostbackConfig;
+use postback_proxy::postback::fields::Fields;
 use postback_proxy::postback::reply::Reply;
 use postback_proxy::postback::route::{valid_name, Format};
 use postback_proxy::postback::{Postback, PostbackRequest, Target};
@@ -207,7 +208,7 @@ fuzz_target!(|data: &[u8]| {
         method: &input.method,
         query: input.query.as_deref(),
         url_len: input.query.as_deref().map_or(0, str::len),
-        headers: &input.headers,
+        headers: Fields::Map(&input.headers),
         body,
         peer: input.peer,
         tls: input.tls,

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
 
 use super::DeliveryError;
@@ -22,6 +23,10 @@ struct State {
 /// Records accepted for one sink and not yet delivered.
 pub struct MemoryQueue {
     sink: String,
+    /// `postback_records_total{sink, result="accepted"}` and `delivery_queue_records{sink}`,
+    /// resolved once.
+    accepted: IntCounter,
+    queued: IntGauge,
     state: Mutex<State>,
     capacity: usize,
     arrived: Notify,
@@ -37,6 +42,8 @@ impl MemoryQueue {
     pub fn new(sink: &str, capacity: usize) -> Self {
         MemoryQueue {
             sink: sink.to_owned(),
+            accepted: metrics::RECORDS.with_label_values(&[sink, "accepted"]),
+            queued: metrics::QUEUE_RECORDS.with_label_values(&[sink]),
             state: Mutex::new(State {
                 records: VecDeque::new(),
                 closed: false,
@@ -67,12 +74,8 @@ impl MemoryQueue {
         }
         self.waiting.fetch_add(n as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        metrics::RECORDS
-            .with_label_values(&[&self.sink, "accepted"])
-            .inc_by(n as u64);
-        metrics::QUEUE_RECORDS
-            .with_label_values(&[&self.sink])
-            .add(n as i64);
+        self.accepted.inc_by(n as u64);
+        self.queued.add(n as i64);
         self.arrived.notify_one();
         Ok(())
     }
@@ -140,9 +143,7 @@ impl MemoryQueue {
         let bytes = std::mem::take(&mut lock(&self.state).taken_bytes);
         sub_saturating(&self.waiting, n as u64);
         sub_saturating(&self.bytes, bytes);
-        metrics::QUEUE_RECORDS
-            .with_label_values(&[&self.sink])
-            .sub(n as i64);
+        self.queued.sub(n as i64);
     }
 }
 

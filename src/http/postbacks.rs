@@ -28,6 +28,7 @@ use crate::identity::extend::Page;
 use crate::identity::server_cookie::{strip_port, IdRequest, ServerCookie};
 use crate::identity::Identity;
 use crate::metrics;
+use crate::postback::fields::Fields;
 use crate::postback::reply::{ErrorKind, Refusal, Reply};
 use crate::postback::route::{Route, RouteMatch, Router};
 use crate::postback::{Postback, PostbackRequest, Target};
@@ -178,7 +179,7 @@ impl Postbacks {
             query: req.uri.query(),
             host: host.as_deref(),
             headers: &req.headers,
-            assessment: self.postback.assess(&req.headers),
+            assessment: self.postback.assess(Fields::Map(&req.headers)),
             tls,
         });
         metrics::SERVER_IDS
@@ -206,7 +207,7 @@ impl Postbacks {
             request: &req.headers,
             status: response.status.as_u16(),
             response: &response.headers,
-            assessment: self.postback.assess(&req.headers),
+            assessment: self.postback.assess(Fields::Map(&req.headers)),
             tls: is_tls(session),
         });
         for (name, line) in cookies {
@@ -294,7 +295,9 @@ impl Postbacks {
 
     /// Writes `reply`, with `Content-Length` and the CORS headers; no body for HEAD.
     async fn write_reply(&self, session: &mut Session, reply: Reply) -> Result<()> {
-        let cors = self.postback.cors_headers(&session.req_header().headers);
+        let cors = self
+            .postback
+            .cors_headers(Fields::Map(&session.req_header().headers));
         let head = session.req_header().method == Method::HEAD;
         let mut resp =
             ResponseHeader::build(reply.status, Some(reply.headers.len() + cors.len() + 1))?;
@@ -372,7 +375,7 @@ pub(crate) fn postback_request<'a>(
         method: &req.method,
         query: req.uri.query(),
         url_len: req.uri.path_and_query().map_or(0, |pq| pq.as_str().len()),
-        headers: &req.headers,
+        headers: Fields::Map(&req.headers),
         body,
         peer,
         tls,

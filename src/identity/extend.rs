@@ -14,6 +14,7 @@ use super::config::IdentityConfig;
 use super::{check_cookie, cookie_name, host_name, plausible_id};
 use crate::config::Problem;
 use crate::postback::cookie;
+use crate::postback::fields::Fields;
 use crate::postback::privacy::Assessment;
 
 /// One cookie of `identity.extend_cookies`, checked.
@@ -104,7 +105,7 @@ impl CookieExtension {
         }
         let mut out = Vec::new();
         for c in &self.cookies {
-            let value = cookie::find_in(page.request, &c.name);
+            let value = cookie::find_in(Fields::Map(page.request), &c.name);
             let Some(value) = value.filter(|v| plausible_id(v)) else {
                 continue;
             };
@@ -202,7 +203,7 @@ mod tests {
             "postback.privacy",
         )
         .unwrap()
-        .assess(&request);
+        .assess(Fields::Map(&request));
         e.set_cookies(&Page {
             request: &request,
             status,

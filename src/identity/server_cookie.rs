@@ -14,6 +14,7 @@ use super::config::ServerCookieConfig;
 use super::{check_cookie, host_name, plausible_id};
 use crate::config::Problem;
 use crate::postback::cookie;
+use crate::postback::fields::Fields;
 use crate::postback::privacy::Assessment;
 use crate::postback::query::parse_pairs;
 use crate::postback::reply::{Reply, NO_CACHE};
@@ -118,7 +119,8 @@ impl ServerCookie {
         if req.assessment.opted_out.is_some() || !req.assessment.identifiers_allowed {
             return (json(200, Bytes::from_static(b"{}")), IdResult::OptedOut);
         }
-        let existing = cookie::find_in(req.headers, &self.cookie).filter(|v| plausible_id(v));
+        let existing =
+            cookie::find_in(Fields::Map(req.headers), &self.cookie).filter(|v| plausible_id(v));
         let (id, result) = match existing {
             Some(id) => (id.to_owned(), IdResult::Kept),
             None => (cookie::new_global_id(), IdResult::Issued),
@@ -205,7 +207,7 @@ mod tests {
         }
         let assessment = PrivacyPolicy::from_config(&Default::default(), "postback.privacy")
             .unwrap()
-            .assess(&map);
+            .assess(Fields::Map(&map));
         e.answer(&IdRequest {
             method: &method,
             query: Some(query),

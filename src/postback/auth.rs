@@ -7,7 +7,11 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use super::fields::Fields;
 use crate::config::Problem;
+
+/// `X-TD-Write-Key`.
+static X_TD_WRITE_KEY: http::HeaderName = http::HeaderName::from_static("x-td-write-key");
 
 /// `auth:`.
 #[derive(Debug, Default, Deserialize)]
@@ -165,15 +169,11 @@ pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 
 /// The write key from `X-TD-Write-Key: KEY` or `Authorization: TD1 KEY` (the header wins over
 /// the query's `td_write_key`).
-pub fn header_write_key(headers: &http::HeaderMap) -> Option<&str> {
-    if let Some(key) = headers.get("x-td-write-key").and_then(|v| v.to_str().ok()) {
+pub fn header_write_key(headers: Fields<'_>) -> Option<&str> {
+    if let Some(key) = headers.get_str(&X_TD_WRITE_KEY) {
         return Some(key.trim());
     }
-    let auth = headers
-        .get(http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .trim();
+    let auth = headers.get_str(&http::header::AUTHORIZATION)?.trim();
     let (scheme, key) = auth.split_once(' ')?;
     scheme.eq_ignore_ascii_case("TD1").then(|| key.trim())
 }

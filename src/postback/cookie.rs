@@ -2,11 +2,12 @@
 
 use std::fmt;
 
-use http::{header, HeaderMap};
+use http::header;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use smart_default::SmartDefault;
 
+use super::fields::Fields;
 use crate::config::Problem;
 use crate::identity::check_cookie;
 use crate::units::HumanDuration;
@@ -97,11 +98,8 @@ pub fn find<'a>(headers: impl Iterator<Item = &'a [u8]>, name: &str) -> Option<&
 }
 
 /// Finds the first cookie called `name` in the `Cookie` headers of `headers`.
-pub fn find_in<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    find(
-        headers.get_all(header::COOKIE).iter().map(|v| v.as_bytes()),
-        name,
-    )
+pub fn find_in<'a>(headers: Fields<'a>, name: &str) -> Option<&'a str> {
+    find(headers.get_all(&header::COOKIE), name)
 }
 
 /// `true` for a global id we accept back from a cookie: 1 to 64 of `A-Z a-z 0-9 - _ .`.

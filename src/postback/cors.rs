@@ -1,9 +1,10 @@
 //! CORS for browser POSTs: the allowed origins, the headers added to every postback answer, and
 //! the answer to an `OPTIONS` preflight.
 
-use http::{header, HeaderMap};
+use http::header;
 use serde::Deserialize;
 
+use super::fields::Fields;
 use super::reply::{ErrorKind, Refusal, Reply};
 use crate::config::Problem;
 
@@ -47,7 +48,7 @@ impl Cors {
     }
 
     /// The CORS headers for the request's `Origin`, when it is allowed; added to every postback answer.
-    pub fn headers(&self, headers: &HeaderMap) -> Vec<(&'static str, String)> {
+    pub fn headers(&self, headers: Fields<'_>) -> Vec<(&'static str, String)> {
         match self.allowed_origin(headers) {
             Some(origin) => vec![
                 ("Access-Control-Allow-Origin", origin.to_owned()),
@@ -58,8 +59,8 @@ impl Cors {
         }
     }
 
-    fn allowed_origin<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
-        let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
+    fn allowed_origin<'h>(&self, headers: Fields<'h>) -> Option<&'h str> {
+        let origin = headers.get_str(&header::ORIGIN)?;
         let allowed = self.any
             || self
                 .origins
@@ -70,13 +71,12 @@ impl Cors {
 
     /// Answers an `OPTIONS` preflight: 204 for an allowed origin (the caller adds the CORS
     /// headers, as to every answer), 403 otherwise.
-    pub fn preflight(&self, headers: &HeaderMap) -> Result<Reply, Refusal> {
+    pub fn preflight(&self, headers: Fields<'_>) -> Result<Reply, Refusal> {
         if self.allowed_origin(headers).is_none() {
             return Err(Refusal::new(ErrorKind::Forbidden, "origin not allowed"));
         }
         let requested = headers
-            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
-            .and_then(|v| v.to_str().ok())
+            .get_str(&header::ACCESS_CONTROL_REQUEST_HEADERS)
             .filter(|v| {
                 v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b", -_".contains(&b))

@@ -16,6 +16,7 @@ pub mod cookie;
 pub mod cors;
 pub mod encoding;
 pub mod enrich;
+pub mod fields;
 pub mod limits;
 pub mod params;
 pub mod privacy;
@@ -27,7 +28,7 @@ pub mod route;
 
 use std::net::IpAddr;
 
-use http::{HeaderMap, Method};
+use http::Method;
 
 use crate::config::Problem;
 use crate::http::client_ip::ClientIpPolicy;
@@ -38,6 +39,7 @@ use config::PostbackConfig;
 use cookie::GlobalIdCookie;
 use cors::Cors;
 use enrich::{Enricher, UserAgents};
+use fields::Fields;
 use limits::Limits;
 use params::bad;
 use privacy::{Assessment, BotAction, OptOutAction, PrivacyPolicy};
@@ -77,8 +79,8 @@ pub struct PostbackRequest<'a> {
     pub query: Option<&'a str>,
     /// The length of the request target (path and query), for `max_url_bytes`.
     pub url_len: usize,
-    /// The request headers.
-    pub headers: &'a HeaderMap,
+    /// The request's header fields.
+    pub headers: Fields<'a>,
     /// The whole body as received (already bounded by `max_body_bytes`), still compressed when
     /// it has a `Content-Encoding`; empty for GET and HEAD, and before the body is read.
     pub body: &'a [u8],
@@ -163,13 +165,13 @@ impl Postback {
 
     /// The CORS headers for the request's `Origin`, when it is allowed; added to every postback
     /// answer, refusals included.
-    pub fn cors_headers(&self, headers: &HeaderMap) -> Vec<(&'static str, String)> {
+    pub fn cors_headers(&self, headers: Fields<'_>) -> Vec<(&'static str, String)> {
         self.cors.headers(headers)
     }
 
     /// What `postback.privacy` says about the visitor of a request that is no postback (a
     /// proxied page, the server cookie endpoint).
-    pub fn assess(&self, headers: &HeaderMap) -> Assessment {
+    pub fn assess(&self, headers: Fields<'_>) -> Assessment {
         self.privacy.assess(headers)
     }
 
@@ -183,11 +185,7 @@ impl Postback {
     /// `Ok(None)`: read the body and call [`Postback::handle`].
     pub fn check_head(&self, req: &PostbackRequest<'_>) -> Result<Option<Reply>, Refusal> {
         if let (true, Some(peer)) = (self.limits.has_rate_limit(), req.peer) {
-            let xff = req
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .map(|v| v.as_bytes());
+            let xff = req.headers.get_all(&fields::X_FORWARDED_FOR);
             self.limits
                 .check_rate(self.client_ip.client_ip(peer, xff))?;
         }
@@ -342,6 +340,7 @@ mod tests {
     use crate::http::client_ip::ClientIpConfig;
     use crate::postback::auth::WriteKeyConfig;
     use crate::postback::reply::PIXEL_GIF;
+    use http::HeaderMap;
 
     const NOW: i64 = 1_764_245_000;
 
@@ -415,7 +414,7 @@ mod tests {
             method,
             query: None,
             url_len: 1,
-            headers,
+            headers: Fields::Map(headers),
             body: b"",
             peer: None,
             tls: false,
@@ -742,7 +741,10 @@ mod tests {
         let p = postback("");
         let mut h = HeaderMap::new();
         h.insert("origin", "https://www.example.com".parse().unwrap());
-        assert_eq!(p.cors_headers(&h)[0].1, "https://www.example.com");
+        assert_eq!(
+            p.cors_headers(Fields::Map(&h))[0].1,
+            "https://www.example.com"
+        );
         assert_eq!(
             p.check_head(&head(&Method::OPTIONS, &h))
                 .unwrap()
@@ -751,7 +753,7 @@ mod tests {
             204
         );
         h.insert("origin", "https://evil.net".parse().unwrap());
-        assert!(p.cors_headers(&h).is_empty());
+        assert!(p.cors_headers(Fields::Map(&h)).is_empty());
         assert_eq!(
             p.check_head(&head(&Method::OPTIONS, &h)).unwrap_err().kind,
             ErrorKind::Forbidden

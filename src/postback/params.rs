@@ -4,9 +4,10 @@
 
 use std::borrow::Cow;
 
-use http::{header, HeaderMap, Method};
+use http::{header, Method};
 use serde_json::Value;
 
+use super::fields::Fields;
 use super::query::{parse_pairs, Pair};
 use super::reply::{ErrorKind, Refusal};
 
@@ -81,7 +82,7 @@ impl<'a> Params<'a> {
 pub fn parse<'a>(
     method: &Method,
     query: Option<&'a str>,
-    headers: &HeaderMap,
+    headers: Fields<'_>,
     body: &'a [u8],
 ) -> Result<Parsed<'a>, Refusal> {
     let pairs = parse_pairs(query.unwrap_or("").as_bytes()).map_err(|e| bad(e.0))?;
@@ -92,16 +93,13 @@ pub fn parse<'a>(
     if *method != Method::POST {
         return Ok(parsed);
     }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
+    let content_type = headers.get_str(&header::CONTENT_TYPE).map(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
     match content_type.as_deref() {
         Some("application/json") => {
             parsed.objects = Some(vec![Params::from_json_object(json_object(body)?)]);

@@ -5,10 +5,11 @@
 //! (consent), and whether the request comes from a robot or a prefetch. [`crate::postback`] then
 //! drops the record, strips `td_ip`/`td_ua`/`td_global_id`, or flags it with `td_bot`.
 
-use http::{header, HeaderMap};
+use http::{header, HeaderName};
 use serde::Deserialize;
 use smart_default::SmartDefault;
 
+use super::fields::Fields;
 use crate::config::Problem;
 use crate::postback::cookie;
 
@@ -184,15 +185,12 @@ impl PrivacyPolicy {
     }
 
     /// Runs for every accepted postback: reads the signals in `headers`.
-    pub fn assess(&self, headers: &HeaderMap) -> Assessment {
-        let header_is_1 = |name: &str| {
-            headers
-                .get(name)
-                .is_some_and(|v| v.as_bytes().trim_ascii() == b"1")
-        };
+    pub fn assess(&self, headers: Fields<'_>) -> Assessment {
+        let header_is_1 =
+            |name: &HeaderName| headers.get(name).is_some_and(|v| v.trim_ascii() == b"1");
         let cookie = |name: &str| cookie::find_in(headers, name);
-        let opted_out = (self.cfg.honor_dnt && header_is_1("dnt"))
-            || (self.cfg.honor_gpc && header_is_1("sec-gpc"))
+        let opted_out = (self.cfg.honor_dnt && header_is_1(&header::DNT))
+            || (self.cfg.honor_gpc && header_is_1(&SEC_GPC))
             || self
                 .cfg
                 .opt_out_cookie
@@ -220,12 +218,12 @@ impl PrivacyPolicy {
         }
     }
 
-    fn is_bot_agent(&self, headers: &HeaderMap) -> bool {
-        let Some(ua) = headers.get(header::USER_AGENT) else {
+    fn is_bot_agent(&self, headers: Fields<'_>) -> bool {
+        let Some(ua) = headers.get(&header::USER_AGENT) else {
             return false;
         };
         // As before the automaton: the User-Agent as (lossy) UTF-8, ASCII letters folded.
-        match std::str::from_utf8(ua.as_bytes()) {
+        match std::str::from_utf8(ua) {
             Ok(ua) => match &self.bot_needles_packed {
                 Some(packed) if ua.len() <= PACKED_UA_MAX => {
                     let mut lower = [0u8; PACKED_UA_MAX];
@@ -238,23 +236,31 @@ impl PrivacyPolicy {
             },
             Err(_) => self
                 .bot_needles
-                .is_match(String::from_utf8_lossy(ua.as_bytes()).as_ref()),
+                .is_match(String::from_utf8_lossy(ua).as_ref()),
         }
     }
 }
 
 /// `Purpose: prefetch`, `Sec-Purpose: prefetch` (also `prefetch;prerender`), `X-Moz: prefetch`,
 /// `X-Purpose: preview`.
-fn is_prefetch(headers: &HeaderMap) -> bool {
-    ["purpose", "sec-purpose", "x-purpose", "x-moz"]
-        .iter()
-        .any(|name| {
-            headers.get(*name).is_some_and(|v| {
-                let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
-                v.contains("prefetch") || v.contains("preview") || v.contains("prerender")
-            })
+fn is_prefetch(headers: Fields<'_>) -> bool {
+    PREFETCH_HEADERS.iter().any(|name| {
+        headers.get(name).is_some_and(|v| {
+            let v = String::from_utf8_lossy(v).to_ascii_lowercase();
+            v.contains("prefetch") || v.contains("preview") || v.contains("prerender")
         })
+    })
 }
+
+static SEC_GPC: HeaderName = HeaderName::from_static("sec-gpc");
+
+/// The fields that announce a prefetch or a preview.
+static PREFETCH_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("purpose"),
+    HeaderName::from_static("sec-purpose"),
+    HeaderName::from_static("x-purpose"),
+    HeaderName::from_static("x-moz"),
+];
 
 #[cfg(test)]
 mod tests {
@@ -265,8 +271,8 @@ mod tests {
         PrivacyPolicy::from_config(&cfg, "postback.privacy").unwrap()
     }
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
         for (k, v) in pairs {
             h.append(*k, v.parse().unwrap());
         }
@@ -277,11 +283,15 @@ mod tests {
     fn defaults_honour_gpc_not_dnt() {
         let p = policy("{}");
         assert_eq!(
-            p.assess(&headers(&[("sec-gpc", "1")])).opted_out,
+            p.assess(Fields::Map(&headers(&[("sec-gpc", "1")])))
+                .opted_out,
             Some(OptOutAction::Strip)
         );
-        assert_eq!(p.assess(&headers(&[("dnt", "1")])).opted_out, None);
-        let a = p.assess(&headers(&[]));
+        assert_eq!(
+            p.assess(Fields::Map(&headers(&[("dnt", "1")]))).opted_out,
+            None
+        );
+        let a = p.assess(Fields::Map(&headers(&[])));
         assert!(a.identifiers_allowed);
         assert_eq!(a.bot, None);
     }
@@ -290,26 +300,32 @@ mod tests {
     fn opt_out_cookie_and_consent() {
         let p = policy("{opt_out_cookie: td_optout, consent_cookie: consent, honor_dnt: true, opted_out: drop}");
         assert_eq!(
-            p.assess(&headers(&[("cookie", "td_optout=1; consent=yes")]))
-                .opted_out,
+            p.assess(Fields::Map(&headers(&[(
+                "cookie",
+                "td_optout=1; consent=yes"
+            )])))
+            .opted_out,
             Some(OptOutAction::Drop)
         );
         assert_eq!(
-            p.assess(&headers(&[("cookie", "td_optout=0; consent=yes")]))
-                .opted_out,
+            p.assess(Fields::Map(&headers(&[(
+                "cookie",
+                "td_optout=0; consent=yes"
+            )])))
+            .opted_out,
             None
         );
         assert!(
-            p.assess(&headers(&[("cookie", "consent=yes")]))
+            p.assess(Fields::Map(&headers(&[("cookie", "consent=yes")])))
                 .identifiers_allowed
         );
         assert!(
-            !p.assess(&headers(&[("cookie", "consent=false")]))
+            !p.assess(Fields::Map(&headers(&[("cookie", "consent=false")])))
                 .identifiers_allowed
         );
-        assert!(!p.assess(&headers(&[])).identifiers_allowed);
+        assert!(!p.assess(Fields::Map(&headers(&[]))).identifiers_allowed);
         assert_eq!(
-            p.assess(&headers(&[("dnt", "1")])).opted_out,
+            p.assess(Fields::Map(&headers(&[("dnt", "1")]))).opted_out,
             Some(OptOutAction::Drop)
         );
     }
@@ -317,7 +333,7 @@ mod tests {
     #[test]
     fn bots_and_prefetch() {
         let p = policy("{bot_user_agents: [MyMonitor]}");
-        let ua = |s: &str| p.assess(&headers(&[("user-agent", s)])).bot;
+        let ua = |s: &str| p.assess(Fields::Map(&headers(&[("user-agent", s)]))).bot;
         assert_eq!(
             ua("Mozilla/5.0 (compatible; Googlebot/2.1)"),
             Some(("user_agent", BotAction::Flag))
@@ -329,13 +345,16 @@ mod tests {
         assert_eq!(ua("mymonitor 2.0"), Some(("user_agent", BotAction::Flag)));
         assert_eq!(ua("Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0"), None);
         assert_eq!(
-            p.assess(&headers(&[("sec-purpose", "prefetch;prerender")]))
-                .bot,
+            p.assess(Fields::Map(&headers(&[(
+                "sec-purpose",
+                "prefetch;prerender"
+            )])))
+            .bot,
             Some(("prefetch", BotAction::Flag))
         );
         assert_eq!(
             policy("{bots: off}")
-                .assess(&headers(&[("purpose", "prefetch")]))
+                .assess(Fields::Map(&headers(&[("purpose", "prefetch")])))
                 .bot,
             None
         );
@@ -360,7 +379,7 @@ mod tests {
         for ua in &agents {
             let want = p.bot_needles.is_match(ua.as_str());
             let h = headers(&[("user-agent", ua)]);
-            assert_eq!(p.is_bot_agent(&h), want, "{ua}");
+            assert_eq!(p.is_bot_agent(Fields::Map(&h)), want, "{ua}");
         }
         assert!(p.bot_needles_packed.is_some(), "SIMD search on this CPU");
         assert_eq!(

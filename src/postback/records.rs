@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use http::header;
 
+use super::fields::X_FORWARDED_FOR;
 use super::params::Params;
 use super::reply::{ErrorKind, Refusal};
 use super::{PostbackRequest, Target};
@@ -120,11 +121,10 @@ impl<'a> RecordBuilder<'a> {
             "td_ua" => self
                 .req
                 .headers
-                .get(header::USER_AGENT)
-                .map(|v| match v.to_str() {
+                .get(&header::USER_AGENT)
+                .map(|v| match std::str::from_utf8(v) {
                     Ok(ua) => ua.to_owned(),
-                    // Not visible ASCII: kept as (lossy) UTF-8.
-                    Err(_) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    Err(_) => String::from_utf8_lossy(v).into_owned(),
                 })
                 .unwrap_or_default(),
             "td_global_id" => self.identity.global_id.to_owned(),
@@ -142,11 +142,7 @@ fn client_ip(
     let Some(peer) = req.peer else {
         return String::new();
     };
-    let xff = req
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .map(|v| v.as_bytes());
+    let xff = req.headers.get_all(&X_FORWARDED_FOR);
     policy
         .recorded(policy.client_ip(peer, xff), anonymize)
         .to_string()

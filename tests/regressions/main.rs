@@ -6,6 +6,7 @@ use http::{HeaderMap, Method};
 use postback_proxy::http::client_ip::ClientIpPolicy;
 use postback_proxy::postback::auth::{KeyStore, WriteKeyConfig};
 use postback_proxy::postback::config::PostbackConfig;
+use postback_proxy::postback::fields::Fields;
 use postback_proxy::postback::redirect::{RedirectConfig, RedirectError, RedirectPolicy};
 use postback_proxy::postback::reply::Refusal;
 use postback_proxy::postback::route::Format;
@@ -70,7 +71,7 @@ fn get(p: &Postback, query: &str, headers: &[(&'static str, &str)]) -> Result<Ou
             method: &Method::GET,
             query: Some(query),
             url_len: query.len(),
-            headers: &map,
+            headers: Fields::Map(&map),
             body: b"",
             peer: Some("203.0.113.7".parse().unwrap()),
             tls: false,

@@ -28,6 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
+use prometheus::IntCounter;
 use tokio::sync::Notify;
 
 use super::FsyncPolicy;
@@ -48,6 +49,8 @@ pub struct Position {
 /// The on-disk buffer of one sink.
 pub struct DiskLog {
     sink: String,
+    /// `postback_records_total{sink, result="accepted"}`, resolved once.
+    accepted: IntCounter,
     dir: PathBuf,
     /// Part of every batch id: see [`checkpoint`].
     id: String,
@@ -152,6 +155,7 @@ impl DiskLog {
         };
         Ok(DiskLog {
             sink: sink.to_owned(),
+            accepted: metrics::RECORDS.with_label_values(&[sink, "accepted"]),
             dir,
             id,
             max_bytes,

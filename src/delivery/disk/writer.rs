@@ -115,9 +115,7 @@ impl DiskLog {
         match result {
             Ok(()) => {
                 self.add_records(n);
-                metrics::RECORDS
-                    .with_label_values(&[&self.sink, "accepted"])
-                    .inc_by(n);
+                self.accepted.inc_by(n);
                 Ok(())
             }
             Err(_) => {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::Method;
 use once_cell::sync::Lazy;
 use pingora::apps::HttpServerApp;
 use pingora::protocols::http::ServerSession;
@@ -30,10 +30,11 @@ use pingora_timeout::timeout;
 use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::reader::{self, FastMethod, Head, Parsed};
+use super::reader::{self, FastMethod, Head, Parsed, MAX_HEADERS};
 use super::FastPath;
 use crate::http::proxy::PostbackProxy;
 use crate::metrics;
+use crate::postback::fields::Fields;
 use crate::postback::reply::{Refusal, Reply};
 use crate::postback::route::{Route, RouteMatch};
 use crate::postback::PostbackRequest;
@@ -77,7 +78,6 @@ pub(super) async fn serve(
         fast,
         peer,
         buf: BytesMut::with_capacity(INITIAL_BUFFER),
-        headers: HeaderMap::new(),
         out: Vec::with_capacity(512),
         shutdown: shutdown.clone(),
     };
@@ -171,8 +171,6 @@ struct Conn<'a> {
     fast: &'a FastPath,
     peer: Option<IpAddr>,
     buf: BytesMut,
-    /// The request's fields, rebuilt per request (capacity kept).
-    headers: HeaderMap,
     /// The answer being written.
     out: Vec<u8>,
     shutdown: ShutdownWatch,
@@ -268,17 +266,18 @@ impl<'a> Conn<'a> {
             .freeze();
         let head_bytes = request.slice(..head.head_len);
         let body = &request[head.head_len..];
-        self.fields(head, &head_bytes);
+        // The fields as the rules read them: slices of the head, no map built (the reader let
+        // through only names and values `http` takes).
+        let mut pairs: [(&[u8], &[u8]); MAX_HEADERS] = [(&[], &[]); MAX_HEADERS];
+        for (pair, f) in pairs.iter_mut().zip(head.fields()) {
+            *pair = (&head_bytes[f.name.range()], &head_bytes[f.value.range()]);
+        }
+        let fields = Fields::Raw(&pairs[..head.fields().len()]);
         let route = match &found {
             RouteMatch::Postback { route, .. } | RouteMatch::BadName { route, .. } => *route,
         };
-        let method = match head.method {
-            FastMethod::Get => Method::GET,
-            FastMethod::Head => Method::HEAD,
-            FastMethod::Post => Method::POST,
-        };
         let query = head.query(&head_bytes);
-        let result = self.reply(&found, route, head, &method, query, body).await;
+        let result = self.reply(&found, route, head, query, fields, body).await;
         let (reply, outcome) = match result {
             Ok(reply) => (reply, "accepted"),
             Err(refusal) => {
@@ -294,9 +293,8 @@ impl<'a> Conn<'a> {
             started.elapsed().as_secs_f64(),
         );
         let keepalive = !head.close && !*self.shutdown.borrow();
-        let cors = fast.postbacks.rules().cors_headers(&self.headers);
+        let cors = fast.postbacks.rules().cors_headers(fields);
         // Let go of the request's bytes, so the buffer can take its whole allocation back.
-        self.headers.clear();
         drop((head_bytes, request));
         self.out.clear();
         if fast
@@ -318,21 +316,6 @@ impl<'a> Conn<'a> {
         Ok(keepalive)
     }
 
-    /// The request's fields as a `HeaderMap`, values sharing `head_bytes`.
-    fn fields(&mut self, head: &Head, head_bytes: &bytes::Bytes) {
-        self.headers.clear();
-        for f in head.fields() {
-            let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(&head_bytes[f.name.range()]),
-                HeaderValue::from_maybe_shared(head_bytes.slice(f.value.range())),
-            ) else {
-                // The reader let through only names and values both parsers take.
-                continue;
-            };
-            self.headers.append(name, value);
-        }
-    }
-
     /// Works out the reply as `PostbackProxy::postback_reply` does (keep the two in step; the
     /// differential test in tests/fast_path.rs compares them).
     async fn reply(
@@ -340,18 +323,23 @@ impl<'a> Conn<'a> {
         found: &RouteMatch<'_>,
         route: &Route,
         head: &Head,
-        method: &Method,
         query: Option<&str>,
+        headers: Fields<'_>,
         body: &[u8],
     ) -> Result<Reply, Refusal> {
         let fast = self.fast;
+        let method = match head.method {
+            FastMethod::Get => Method::GET,
+            FastMethod::Head => Method::HEAD,
+            FastMethod::Post => Method::POST,
+        };
         let (database, table) = found.names()?;
         let now = crate::postback::now_secs();
         let request = PostbackRequest {
-            method,
+            method: &method,
             query,
             url_len: head.target.len as usize,
-            headers: &self.headers,
+            headers,
             body,
             peer: self.peer,
             tls: false,
