@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use log::{error, info, warn};
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
 
 use super::FsyncPolicy;
@@ -49,8 +49,10 @@ pub struct Position {
 /// The on-disk buffer of one sink.
 pub struct DiskLog {
     sink: String,
-    /// `postback_records_total{sink, result="accepted"}`, resolved once.
+    /// `postback_records_total{sink, result="accepted"}` and `delivery_queue_records{sink}`,
+    /// resolved once.
     accepted: IntCounter,
+    queued: IntGauge,
     dir: PathBuf,
     /// Part of every batch id: see [`checkpoint`].
     id: String,
@@ -156,6 +158,7 @@ impl DiskLog {
         Ok(DiskLog {
             sink: sink.to_owned(),
             accepted: metrics::RECORDS.with_label_values(&[sink, "accepted"]),
+            queued: metrics::QUEUE_RECORDS.with_label_values(&[sink]),
             dir,
             id,
             max_bytes,
@@ -253,16 +256,12 @@ impl DiskLog {
 
     fn add_records(&self, n: u64) {
         self.records.fetch_add(n, Ordering::Relaxed);
-        metrics::QUEUE_RECORDS
-            .with_label_values(&[&self.sink])
-            .set(self.records.load(Ordering::Relaxed) as i64);
+        self.queued.set(self.records.load(Ordering::Relaxed) as i64);
     }
 
     fn sub_records(&self, n: u64) {
         sub_saturating(&self.records, n);
-        metrics::QUEUE_RECORDS
-            .with_label_values(&[&self.sink])
-            .set(self.records.load(Ordering::Relaxed) as i64);
+        self.queued.set(self.records.load(Ordering::Relaxed) as i64);
     }
 }
 
