@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use postback_proxy::delivery::Delivery;
 use postback_proxy::delivery::{BufferKind, DeliveryConfig, FsyncPolicy};
-use postback_proxy::record::{Record, RecordBody};
+use postback_proxy::record::{Record, RecordBody, RecordRef};
 use postback_proxy::sink::{Batch, LogSink, Rejection, SinkError};
 use postback_proxy::units::{ByteSize, HumanDuration};
 
@@ -118,8 +118,9 @@ fn round(mode: Mode, records: usize, producers: usize) -> (f64, f64) {
                 let delivery = delivery.clone();
                 tokio::spawn(async move {
                     for i in 0..per_task {
+                        let record = pixel_record(p * per_task + i);
                         delivery
-                            .accept(0, vec![pixel_record(p * per_task + i)])
+                            .accept(0, &[RecordRef::from(&record)])
                             .await
                             .expect("accepted");
                     }

@@ -82,7 +82,8 @@
 //!   [`Postbacks::handle`]).
 //! - `sink/`: the [`LogSink`] trait and one folder per built-in sink; the proxy never sees a
 //!   sink's details, and sinks never see HTTP.
-//! - Shared leaves: [`Record`], `metrics` (Prometheus), `template` (`{database}`/`{table}`),
+//! - Shared leaves: [`Record`] (and `record::RecordRef`, the form the rules build, borrowing
+//!   from the request, which delivery writes straight into the buffer), `metrics` (Prometheus), `template` (`{database}`/`{table}`),
 //!   `units` (durations, sizes, addresses), `config` (the file's root, and [`Problem`]).
 //!
 //! The standalone binary is [`App`]: it reads the whole file ([`Config`]), builds [`Postbacks`]

@@ -233,25 +233,27 @@ fuzz_target!(|data: &[u8]| {
             for record in &outcome.records {
                 assert_eq!(record.database, database);
                 assert_eq!(record.table, "events");
+                let names: Vec<&str> = record.columns().iter().map(|(k, _)| &**k).collect();
                 assert!(
-                    record.body.columns.len() <= MAX_COLUMNS,
-                    "{} columns, more than max_columns {MAX_COLUMNS}: {:?}",
-                    record.body.columns.len(),
-                    record.body.columns.keys().collect::<Vec<_>>()
+                    record.len() <= MAX_COLUMNS,
+                    "{} columns, more than max_columns {MAX_COLUMNS}: {names:?}",
+                    record.len(),
                 );
-                for name in record.body.columns.keys() {
-                    assert!(!SPECIAL.contains(&name.as_str()), "column {name:?}");
+                assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+                for name in &names {
+                    assert!(!SPECIAL.contains(name), "column {name:?}");
                 }
-                let t = record.body.time;
+                let t = record.time;
                 assert!((NOW - PAST..=NOW + FUTURE).contains(&t), "time {t}");
                 let json = serde_json::to_vec(record).unwrap();
                 let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
                 let obj = value["record"].as_object().expect("record object");
-                assert_eq!(obj.len(), record.body.columns.len() + 1, "duplicate keys");
+                assert_eq!(obj.len(), record.len() + 1, "duplicate keys");
                 assert!(obj["time"].is_i64());
                 assert!(obj.iter().all(|(k, v)| k == "time" || v.is_string()));
                 let back: Record = serde_json::from_slice(&json).expect("reads back");
-                assert_eq!(&back, record);
+                assert_eq!(back, record.to_record());
+                assert_eq!(serde_json::to_vec(&back).unwrap(), json);
             }
         }
         Err(refusal) => {

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 use crate::config::Problem;
 use crate::metrics;
-use crate::record::Record;
+use crate::record::RecordRef;
 use crate::sink::LogSink;
 use crate::sync::lock;
 
@@ -232,7 +232,7 @@ impl Delivery {
     pub async fn accept(
         &self,
         sinks: impl Sinks,
-        records: Vec<Record>,
+        records: &[RecordRef<'_>],
     ) -> Result<(), DeliveryError> {
         let sinks = sinks.ids();
         if records.is_empty() || sinks.is_empty() {
@@ -249,15 +249,8 @@ impl Delivery {
             return Err(DeliveryError::Full);
         }
         let n = records.len() as u64;
-        let mut records = records;
-        let last = lanes.len() - 1;
-        for (i, lane) in lanes.into_iter().enumerate() {
-            let copy = if i == last {
-                std::mem::take(&mut records)
-            } else {
-                records.clone()
-            };
-            match lane.sender.push(copy).await {
+        for lane in lanes {
+            match lane.sender.push(records).await {
                 Ok(()) => {}
                 Err(DeliveryError::Full) if self.when_full == WhenFull::Drop => {
                     metrics::RECORDS
@@ -355,7 +348,6 @@ impl Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::RecordBody;
     use crate::sink::{Batch, Rejection, SinkError};
     use async_trait::async_trait;
 
@@ -385,15 +377,8 @@ mod tests {
         }
     }
 
-    fn record(i: i64) -> Record {
-        Record {
-            database: "web".into(),
-            table: "t".into(),
-            body: RecordBody {
-                time: i,
-                columns: Default::default(),
-            },
-        }
+    fn record(i: i64) -> RecordRef<'static> {
+        RecordRef::new("web", "t", i, Vec::new())
     }
 
     fn cfg(buffer: BufferKind, dir: &std::path::Path) -> DeliveryConfig {
@@ -427,7 +412,7 @@ mod tests {
             let delivery = Delivery::open(&cfg(buffer, dir.path()), sinks).unwrap();
             delivery.start().unwrap();
             for i in 0..3 {
-                delivery.accept([0, 1], vec![record(i)]).await.unwrap();
+                delivery.accept([0, 1], &[record(i)]).await.unwrap();
             }
             wait_for("the kept sink has every record", || {
                 lock(&keep.0).len() == 3
@@ -462,14 +447,11 @@ mod tests {
         ];
         let delivery = Delivery::open(&cfg(BufferKind::Memory, dir.path()), sinks).unwrap();
         // Not started: nothing is delivered, the queues (3 records each) fill up.
-        delivery
-            .accept(1, vec![record(0), record(1)])
-            .await
-            .unwrap();
-        delivery.accept([0, 1], vec![record(2)]).await.unwrap();
+        delivery.accept(1, &[record(0), record(1)]).await.unwrap();
+        delivery.accept([0, 1], &[record(2)]).await.unwrap();
         assert!(!delivery.ready());
         assert_eq!(
-            delivery.accept([0, 1], vec![record(3)]).await,
+            delivery.accept([0, 1], &[record(3)]).await,
             Err(DeliveryError::Full)
         );
         let status = delivery.sinks_status();
@@ -479,11 +461,9 @@ mod tests {
             "no copy taken by the sink that still had room"
         );
         let mut big = record(4);
-        big.body
-            .columns
-            .insert("x".into(), "y".repeat(MAX_RECORD_BYTES));
+        big.insert("x".into(), "y".repeat(MAX_RECORD_BYTES).into());
         assert_eq!(
-            delivery.accept(0, vec![big]).await,
+            delivery.accept(0, &[big]).await,
             Err(DeliveryError::TooLarge)
         );
         delivery.finish(Duration::from_millis(100));

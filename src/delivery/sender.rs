@@ -1,7 +1,7 @@
 //! The sender side of a sink's buffer: what a request calls to hand its records over.
 
 use super::{Buffer, DeliveryError};
-use crate::record::Record;
+use crate::record::RecordRef;
 
 /// Hands records to one sink's buffer.
 pub struct Sender(pub(super) Buffer);
@@ -9,9 +9,9 @@ pub struct Sender(pub(super) Buffer);
 impl Sender {
     /// Takes all of `records` or none; returns once they are in the buffer (written to the log
     /// with `buffer: disk`).
-    pub async fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
+    pub async fn push(&self, records: &[RecordRef<'_>]) -> Result<(), DeliveryError> {
         match &self.0 {
-            Buffer::Memory(q) => q.push(records),
+            Buffer::Memory(q) => q.push(records.iter().map(RecordRef::to_record).collect()),
             Buffer::Disk(d) => d.push(records).await,
         }
     }

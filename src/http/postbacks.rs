@@ -266,7 +266,7 @@ impl Postbacks {
         let outcome = self.postback.handle(target, req)?;
         let shown = self.live.render(&route.template, &outcome.records);
         self.delivery
-            .accept(&route.sinks, outcome.records)
+            .accept(&route.sinks, &outcome.records)
             .await
             .map_err(|e| match e {
                 DeliveryError::TooLarge => Refusal::new(ErrorKind::PayloadTooLarge, e.to_string()),

@@ -12,6 +12,7 @@
 //! Parsed agents are kept in a bounded LRU cache: a site's visitors use a few hundred distinct
 //! agents, so a busy site parses each once.
 
+use std::borrow::Cow;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +20,7 @@ use lru::LruCache;
 use serde::Deserialize;
 
 use super::reply::{ErrorKind, Refusal};
-use crate::record::Record;
+use crate::record::RecordRef;
 use crate::sync::lock;
 
 /// One entry of a route's `enrich:`. A closed list: a misspelt name is a parse error with its
@@ -110,24 +111,20 @@ impl UserAgents {
     }
 
     /// Adds the agent's columns to `record`; 413 when that takes it past `max_columns`.
-    pub fn enrich(&self, record: &mut Record, max_columns: usize) -> Result<(), Refusal> {
-        let columns = &mut record.body.columns;
+    pub fn enrich(&self, record: &mut RecordRef<'_>, max_columns: usize) -> Result<(), Refusal> {
         let agent = ["td_ua", "td_user_agent"]
             .iter()
-            .find_map(|c| columns.get(*c).filter(|v| !v.is_empty()));
-        let Some(agent) = agent else {
+            .find_map(|c| record.get(c).filter(|v| !v.is_empty()));
+        let Some(columns) = agent.map(|agent| self.columns(agent)) else {
             return Ok(());
         };
-        for (name, value) in self.columns(agent).iter() {
-            match columns.get_mut(*name) {
-                Some(existing) if existing == name => *existing = value.clone(),
-                Some(_) => {}
-                None => {
-                    columns.insert((*name).to_owned(), value.clone());
-                }
+        for (name, value) in columns.iter() {
+            match record.get(name) {
+                Some(existing) if existing != *name => {}
+                _ => record.insert(Cow::Borrowed(name), Cow::Owned(value.clone())),
             }
         }
-        if columns.len() > max_columns {
+        if record.len() > max_columns {
             return Err(Refusal::new(
                 ErrorKind::PayloadTooLarge,
                 format!("more than {max_columns} columns (the user_agent columns included)"),
@@ -140,7 +137,6 @@ impl UserAgents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::RecordBody;
 
     pub const CHROME: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36";
     pub const SAFARI_IOS: &str = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1";
@@ -209,18 +205,12 @@ mod tests {
         assert_eq!(cols(""), expect(&[]));
     }
 
-    fn record(columns: &[(&str, &str)]) -> Record {
-        Record {
-            database: "web".into(),
-            table: "t".into(),
-            body: RecordBody {
-                time: 1,
-                columns: columns
-                    .iter()
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .collect(),
-            },
-        }
+    fn record<'a>(columns: &[(&'a str, &'a str)]) -> RecordRef<'a> {
+        let columns = columns
+            .iter()
+            .map(|(a, b)| (Cow::Borrowed(*a), Cow::Borrowed(*b)))
+            .collect();
+        RecordRef::new("web", "t", 1, columns)
     }
 
     #[test]
@@ -228,16 +218,16 @@ mod tests {
         let ua = UserAgents::new(8);
         let mut r = record(&[("td_ua", FIREFOX), ("td_browser", "Mine")]);
         ua.enrich(&mut r, 10).unwrap();
-        assert_eq!(r.body.columns["td_browser"], "Mine");
-        assert_eq!(r.body.columns["td_os"], "Linux");
+        assert_eq!(r.get("td_browser").unwrap(), "Mine");
+        assert_eq!(r.get("td_os").unwrap(), "Linux");
         let sdk = format!("{CHROME};JSSDK/4.4.3");
         let mut r = record(&[("td_user_agent", &sdk), ("td_os", "td_os")]);
         ua.enrich(&mut r, 10).unwrap();
-        assert_eq!(r.body.columns["td_browser"], "Chrome");
-        assert_eq!(r.body.columns["td_os"], "Windows 10");
+        assert_eq!(r.get("td_browser").unwrap(), "Chrome");
+        assert_eq!(r.get("td_os").unwrap(), "Windows 10");
         let mut r = record(&[("page", "/")]);
         ua.enrich(&mut r, 1).unwrap();
-        assert_eq!(r.body.columns.len(), 1);
+        assert_eq!(r.len(), 1);
         let mut r = record(&[("td_ua", CHROME), ("a", "1")]);
         assert_eq!(
             ua.enrich(&mut r, 6).unwrap_err().kind,

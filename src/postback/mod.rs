@@ -26,6 +26,7 @@ pub mod redirect;
 pub mod reply;
 pub mod route;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::Method;
@@ -33,7 +34,7 @@ use http::Method;
 use crate::config::Problem;
 use crate::http::client_ip::ClientIpPolicy;
 use crate::metrics;
-use crate::record::Record;
+use crate::record::RecordRef;
 use auth::KeyStore;
 use config::PostbackConfig;
 use cookie::GlobalIdCookie;
@@ -94,9 +95,10 @@ pub struct PostbackRequest<'a> {
 
 /// An accepted postback: the records to deliver and the reply to send once they are accepted.
 #[derive(Debug)]
-pub struct Outcome {
-    /// The records to deliver (none when the privacy rules drop the request).
-    pub records: Vec<Record>,
+pub struct Outcome<'a> {
+    /// The records to deliver (none when the privacy rules drop the request), borrowing from
+    /// the request where their columns needed no decoding.
+    pub records: Vec<RecordRef<'a>>,
     /// The answer to send once delivery accepted the records.
     pub reply: Reply,
 }
@@ -204,21 +206,26 @@ impl Postback {
     /// Runs for every GET, HEAD or POST to a postback route, after [`Postback::check_head`] and
     /// with the body read: checks the request and builds its records and reply. Nothing is
     /// delivered here; the caller delivers `records` and, once they are accepted, sends `reply`.
-    pub fn handle(
+    pub fn handle<'a>(
         &self,
-        target: Target<'_>,
-        req: &PostbackRequest<'_>,
-    ) -> Result<Outcome, Refusal> {
+        target: Target<'a>,
+        req: &PostbackRequest<'a>,
+    ) -> Result<Outcome<'a>, Refusal> {
         let body = match *req.method {
             Method::POST => encoding::decode(
                 encoding::of(req.headers)?,
                 req.body,
                 self.limits.max_body_bytes,
             )?,
-            _ => std::borrow::Cow::Borrowed(req.body),
+            _ => Cow::Borrowed(req.body),
         };
-        let params::Parsed { query, objects } =
-            params::parse(req.method, req.query, req.headers, &body)?;
+        let params::Parsed { query, objects } = match body {
+            Cow::Borrowed(body) => params::parse(req.method, req.query, req.headers, body)?,
+            // A decompressed body is gone when this returns: its columns are copied.
+            Cow::Owned(body) => {
+                params::parse(req.method, req.query, req.headers, &body)?.into_owned()
+            }
+        };
         // The answer, checked before anything is accepted.
         let format = match query.format.as_deref() {
             None => target.default_format,
@@ -290,7 +297,7 @@ impl Postback {
     /// `td_bot` column; counts each.
     fn apply_privacy(
         &self,
-        records: &mut Vec<Record>,
+        records: &mut Vec<RecordRef<'_>>,
         assessment: &Assessment,
         dropped: Option<&'static str>,
     ) -> Result<(), Refusal> {
@@ -306,8 +313,8 @@ impl Postback {
                 .with_label_values(&["bot", "flag"])
                 .inc_by(records.len() as u64);
             for r in records.iter_mut() {
-                r.body.columns.insert("td_bot".into(), why.into());
-                if r.body.columns.len() > self.limits.max_columns {
+                r.insert(Cow::Borrowed("td_bot"), Cow::Borrowed(why));
+                if r.len() > self.limits.max_columns {
                     return Err(Refusal::new(
                         ErrorKind::PayloadTooLarge,
                         format!(
@@ -381,7 +388,7 @@ mod tests {
         p: &Postback,
         query: &str,
         headers: &[(&'static str, &str)],
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Handled, Refusal> {
         request(p, Method::GET, query, headers, b"")
     }
 
@@ -391,7 +398,7 @@ mod tests {
         query: &str,
         headers: &[(&'static str, &str)],
         body: &[u8],
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Handled, Refusal> {
         let mut map = HeaderMap::new();
         for (k, v) in headers {
             map.append(*k, v.parse().unwrap());
@@ -406,6 +413,17 @@ mod tests {
                 ..head(&method, &map)
             },
         )
+        .map(|o| Handled {
+            records: o.records.iter().map(RecordRef::to_record).collect(),
+            reply: o.reply,
+        })
+    }
+
+    /// An [`Outcome`] with its records copied out of the request.
+    #[derive(Debug)]
+    struct Handled {
+        records: Vec<crate::record::Record>,
+        reply: Reply,
     }
 
     /// A request with no query, no body and no peer, as `check_head` sees it.
@@ -423,15 +441,15 @@ mod tests {
     }
 
     /// What a refused request was refused as.
-    fn kind(r: Result<Outcome, Refusal>) -> ErrorKind {
+    fn kind(r: Result<Handled, Refusal>) -> ErrorKind {
         r.unwrap_err().kind
     }
 
-    fn columns(o: &Outcome) -> Vec<(String, String)> {
+    fn columns(o: &Handled) -> Vec<(String, String)> {
         o.records[0].body.columns.clone().into_iter().collect()
     }
 
-    fn header<'a>(o: &'a Outcome, name: &str) -> Option<&'a str> {
+    fn header<'a>(o: &'a Handled, name: &str) -> Option<&'a str> {
         o.reply
             .headers
             .iter()
@@ -732,8 +750,9 @@ mod tests {
             ..head(&Method::GET, headers)
         };
         assert!(p.handle(target, &req(&map)).unwrap().records.is_empty());
-        let o = p.handle(target, &req(&HeaderMap::new())).unwrap();
-        assert_eq!(o.records[0].body.columns["td_ip"], "203.0.113.0");
+        let empty = HeaderMap::new();
+        let o = p.handle(target, &req(&empty)).unwrap();
+        assert_eq!(o.records[0].get("td_ip"), Some("203.0.113.0"));
     }
 
     #[test]

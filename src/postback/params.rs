@@ -37,7 +37,36 @@ pub fn bad(message: impl Into<String>) -> Refusal {
     Refusal::new(ErrorKind::BadRequest, message)
 }
 
+impl Parsed<'_> {
+    /// The same parameters, each copied: for a body that was decompressed into a buffer of its
+    /// own.
+    pub fn into_owned(self) -> Parsed<'static> {
+        Parsed {
+            query: self.query.into_owned(),
+            objects: self
+                .objects
+                .map(|objects| objects.into_iter().map(Params::into_owned).collect()),
+        }
+    }
+}
+
 impl<'a> Params<'a> {
+    /// The same parameters, each copied.
+    pub fn into_owned(self) -> Params<'static> {
+        let owned = |v: Option<Cow<'a, str>>| v.map(|v| Cow::Owned(v.into_owned()));
+        Params {
+            format: owned(self.format),
+            write_key: owned(self.write_key),
+            record_time: owned(self.record_time),
+            redirect: owned(self.redirect),
+            columns: self
+                .columns
+                .into_iter()
+                .map(|(k, v)| (Cow::Owned(k.into_owned()), Cow::Owned(v.into_owned())))
+                .collect(),
+        }
+    }
+
     fn add(&mut self, name: Cow<'a, str>, value: Cow<'a, str>) {
         match &*name {
             "td_format" => self.format = Some(value),
@@ -51,7 +80,10 @@ impl<'a> Params<'a> {
     }
 
     fn from_pairs(pairs: Vec<Pair<'a>>) -> Params<'a> {
-        let mut p = Params::default();
+        let mut p = Params {
+            columns: Vec::with_capacity(pairs.len()),
+            ..Params::default()
+        };
         for (name, value) in pairs {
             p.add(name, value);
         }

@@ -20,7 +20,8 @@ pub type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
 pub fn parse_pairs(input: &[u8]) -> Result<Vec<Pair<'_>>, QueryError> {
     // Checked once as a whole: a piece of valid UTF-8 cut at an ASCII `&` or `=` is valid too.
     let text = std::str::from_utf8(input).ok();
-    let mut pairs = Vec::new();
+    // A piece per `&` at most; the count is one vectorized pass.
+    let mut pairs = Vec::with_capacity(1 + input.iter().filter(|&&b| b == b'&').count());
     // One pass over the bytes finds the pieces, their first `=` and which halves need decoding.
     let mut piece = Piece::starting(0);
     for (i, &b) in input.iter().enumerate() {

@@ -2,7 +2,7 @@
 //! (`td_ip`, `td_ua`, `td_global_id`) filled in as the privacy rules allow, and `max_columns`.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::fmt::Write;
 
 use http::header;
 
@@ -11,7 +11,7 @@ use super::params::Params;
 use super::reply::{ErrorKind, Refusal};
 use super::{PostbackRequest, Target};
 use crate::http::client_ip::ClientIpPolicy;
-use crate::record::{Record, RecordBody};
+use crate::record::RecordRef;
 
 /// What a record's columns may carry for this visitor, from the privacy assessment.
 pub struct Identity<'a> {
@@ -25,23 +25,24 @@ pub struct Identity<'a> {
     pub strip: bool,
 }
 
-/// Makes the records of one request; the placeholders' values are worked out once.
-pub struct RecordBuilder<'a> {
-    req: &'a PostbackRequest<'a>,
+/// Makes the records of one request; the placeholders' values are worked out once. The records
+/// borrow from the request (`'a`) where their columns needed no decoding.
+pub struct RecordBuilder<'b, 'a> {
+    req: &'b PostbackRequest<'a>,
     target: Target<'a>,
-    client_ip: &'a ClientIpPolicy,
-    identity: Identity<'a>,
+    client_ip: &'b ClientIpPolicy,
+    identity: Identity<'b>,
     max_columns: usize,
     ip: Option<String>,
 }
 
-impl<'a> RecordBuilder<'a> {
+impl<'b, 'a> RecordBuilder<'b, 'a> {
     /// A builder for the records of `req` to `target`.
     pub fn new(
-        req: &'a PostbackRequest<'a>,
+        req: &'b PostbackRequest<'a>,
         target: Target<'a>,
-        client_ip: &'a ClientIpPolicy,
-        identity: Identity<'a>,
+        client_ip: &'b ClientIpPolicy,
+        identity: Identity<'b>,
         max_columns: usize,
     ) -> Self {
         RecordBuilder {
@@ -60,25 +61,21 @@ impl<'a> RecordBuilder<'a> {
         &mut self,
         time: i64,
         columns: impl Iterator<Item = (Cow<'a, str>, Cow<'a, str>)>,
-    ) -> Result<Record, Refusal> {
-        let mut map = BTreeMap::new();
+    ) -> Result<RecordRef<'a>, Refusal> {
+        let mut kept = Vec::with_capacity(columns.size_hint().0);
         for (name, value) in columns {
-            let Some(value) = self.value(&name, value) else {
-                continue;
-            };
-            map.insert(name.into_owned(), value);
-            if map.len() > self.max_columns {
-                return Err(Refusal::new(
-                    ErrorKind::PayloadTooLarge,
-                    format!("more than {} columns", self.max_columns),
-                ));
+            if let Some(value) = self.value(&name, value) {
+                kept.push((name, value));
             }
         }
-        Ok(Record {
-            database: self.target.database.to_owned(),
-            table: self.target.table.to_owned(),
-            body: RecordBody { time, columns: map },
-        })
+        let record = RecordRef::new(self.target.database, self.target.table, time, kept);
+        if record.len() > self.max_columns {
+            return Err(Refusal::new(
+                ErrorKind::PayloadTooLarge,
+                format!("more than {} columns", self.max_columns),
+            ));
+        }
+        Ok(record)
     }
 
     /// The records of a request: one from the query's columns, or one per JSON object with the
@@ -88,7 +85,7 @@ impl<'a> RecordBuilder<'a> {
         query: Params<'a>,
         objects: Option<Vec<Params<'a>>>,
         time_of: impl Fn(Option<&str>) -> i64,
-    ) -> Result<Vec<Record>, Refusal> {
+    ) -> Result<Vec<RecordRef<'a>>, Refusal> {
         let base_time = time_of(query.record_time.as_deref());
         let Some(objects) = objects else {
             return Ok(vec![self.record(base_time, query.columns.into_iter())?]);
@@ -106,29 +103,34 @@ impl<'a> RecordBuilder<'a> {
     }
 
     /// The value column `name` gets, or `None` when the privacy rules leave it out.
-    fn value(&mut self, name: &str, value: Cow<'_, str>) -> Option<String> {
+    fn value(&mut self, name: &str, value: Cow<'a, str>) -> Option<Cow<'a, str>> {
         match name {
             "td_ip" | "td_ua" | "td_global_id" if self.identity.strip => return None,
             "td_global_id" if !self.identity.identifiers => return None,
-            _ if name != value => return Some(value.into_owned()),
+            _ if name != value => return Some(value),
             _ => {}
         }
         Some(match name {
-            "td_ip" => self
-                .ip
-                .get_or_insert_with(|| client_ip(self.req, self.client_ip, self.identity.anonymize))
-                .clone(),
+            "td_ip" => Cow::Owned(
+                self.ip
+                    .get_or_insert_with(|| {
+                        client_ip(self.req, self.client_ip, self.identity.anonymize)
+                    })
+                    .clone(),
+            ),
             "td_ua" => self
                 .req
                 .headers
                 .get(&header::USER_AGENT)
+                // `from_utf8` first: its ASCII fast path is many times quicker than the lossy
+                // scan, which only a User-Agent that is not UTF-8 needs.
                 .map(|v| match std::str::from_utf8(v) {
-                    Ok(ua) => ua.to_owned(),
-                    Err(_) => String::from_utf8_lossy(v).into_owned(),
+                    Ok(ua) => Cow::Borrowed(ua),
+                    Err(_) => String::from_utf8_lossy(v),
                 })
                 .unwrap_or_default(),
-            "td_global_id" => self.identity.global_id.to_owned(),
-            _ => value.into_owned(),
+            "td_global_id" => Cow::Owned(self.identity.global_id.to_owned()),
+            _ => value,
         })
     }
 }
@@ -143,7 +145,10 @@ fn client_ip(
         return String::new();
     };
     let xff = req.headers.get_all(&X_FORWARDED_FOR);
-    policy
-        .recorded(policy.client_ip(peer, xff), anonymize)
-        .to_string()
+    let ip = policy.recorded(policy.client_ip(peer, xff), anonymize);
+    // Room for the longest IPv6 address: written without growing.
+    let mut text = String::with_capacity(39);
+    // Writing into a String cannot fail.
+    let _ = write!(text, "{ip}");
+    text
 }

@@ -83,7 +83,9 @@ pub struct Reply {
 
 impl Reply {
     fn new(status: u16, content_type: Option<&str>, body: Bytes) -> Reply {
-        let mut headers = vec![("Cache-Control", NO_CACHE.to_owned())];
+        // Room for a `Set-Cookie` too.
+        let mut headers = Vec::with_capacity(3);
+        headers.push(("Cache-Control", NO_CACHE.to_owned()));
         if let Some(ct) = content_type {
             headers.push(("Content-Type", ct.to_owned()));
         }

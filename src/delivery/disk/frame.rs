@@ -3,6 +3,8 @@
 //! A frame is `len: u32 LE`, `crc32: u32 LE` (of the next two fields), `appended_ms: u64 LE` (when
 //! the record was accepted), then `len` bytes of the record's JSON.
 
+use serde::Serialize;
+
 use crate::record::Record;
 
 /// Bytes before a frame's payload.
@@ -13,8 +15,9 @@ pub const HEADER: usize = 16;
 /// damage.
 pub const MAX_FRAME_PAYLOAD: usize = 64 << 20;
 
-/// Appends one record's frame to `out`; returns the payload's length.
-pub fn encode_frame(record: &Record, appended_ms: u64, out: &mut Vec<u8>) -> usize {
+/// Appends one record's frame to `out` (`record` is a [`crate::record::RecordRef`] or a
+/// [`Record`], which write the same JSON); returns the payload's length.
+pub fn encode_frame(record: &impl Serialize, appended_ms: u64, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER]);
     // Serializing strings and integers into a Vec cannot fail.

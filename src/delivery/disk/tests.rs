@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::delivery::DeliveryError;
-use crate::record::{Record, RecordBody};
+use crate::record::{Record, RecordBody, RecordRef};
 use crate::sink::{Batch, EncodedRecords};
 use crate::units::HumanDuration;
 
@@ -23,6 +23,12 @@ pub(super) fn record(i: usize) -> Record {
             columns: [("i".to_string(), i.to_string())].into_iter().collect(),
         },
     }
+}
+
+/// `DiskLog::push` of owned records.
+async fn push(log: &DiskLog, records: &[Record]) -> Result<(), DeliveryError> {
+    let borrowed: Vec<RecordRef<'_>> = records.iter().map(RecordRef::from).collect();
+    log.push(&borrowed).await
 }
 
 /// `DiskLog::take`, with the records decoded for the assertions (as a sink asking for them gets
@@ -65,7 +71,7 @@ fn take_all(log: &DiskLog) -> Vec<i64> {
 /// Appends the records `range`, each alone (one frame each).
 async fn push_each(log: &DiskLog, range: Range<usize>) {
     for i in range {
-        log.push(vec![record(i)]).await.unwrap();
+        push(log, &[record(i)]).await.unwrap();
     }
 }
 
@@ -107,7 +113,7 @@ async fn appends_read_back_and_resume_at_the_checkpoint() {
 
     // After a restart the unacknowledged records come again; new appends follow them.
     let log = open(dir.path(), 1 << 30);
-    log.push(vec![record(10), record(11)]).await.unwrap();
+    push(&log, &[record(10), record(11)]).await.unwrap();
     assert_eq!(take_all(&log), (4..12).collect::<Vec<_>>());
     ack_all_and_close(&log, 0);
 }
@@ -116,7 +122,9 @@ async fn appends_read_back_and_resume_at_the_checkpoint() {
 async fn torn_tail_is_skipped_and_the_rest_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), 1 << 30);
-    log.push((0..3).map(record).collect()).await.unwrap();
+    push(&log, &(0..3).map(record).collect::<Vec<_>>())
+        .await
+        .unwrap();
     log.close();
     drop(log);
     // A crash in the middle of a write: half a frame at the end of the segment.
@@ -128,7 +136,7 @@ async fn torn_tail_is_skipped_and_the_rest_delivered() {
     drop(f);
 
     let log = open(dir.path(), 1 << 30);
-    log.push(vec![record(3)]).await.unwrap();
+    push(&log, &[record(3)]).await.unwrap();
     assert_eq!(take_all(&log), vec![0, 1, 2, 3]);
     ack_all_and_close(&log, 0);
 }
@@ -161,19 +169,19 @@ async fn segments_rotate_and_delivered_ones_are_deleted() {
 async fn a_second_process_appends_and_takes_over_when_the_first_exits() {
     let dir = tempfile::tempdir().unwrap();
     let old = open(dir.path(), 1 << 30);
-    old.push(vec![record(0), record(1)]).await.unwrap();
+    push(&old, &[record(0), record(1)]).await.unwrap();
     // The new process during an upgrade: the lock is held, so it appends but does not read.
     let new = open(dir.path(), 1 << 30);
-    new.push(vec![record(2)]).await.unwrap();
+    push(&new, &[record(2)]).await.unwrap();
     assert_eq!(take_all(&new), Vec::<i64>::new());
-    old.push(vec![record(3)]).await.unwrap();
+    push(&old, &[record(3)]).await.unwrap();
     // The old one delivers part of its records, then exits.
     let mut batch = Vec::new();
     old.take_records(&mut batch, 1, 1 << 20);
     old.ack(0);
     old.close();
     drop(old); // releases the lock
-    new.push(vec![record(4)]).await.unwrap();
+    push(&new, &[record(4)]).await.unwrap();
     let mut got = Vec::new();
     for _ in 0..200 {
         got.extend(take_all(&new));
@@ -193,7 +201,7 @@ async fn full_buffer_refuses_and_drop_counts() {
     let log = open(dir.path(), 300);
     let mut refused = 0;
     for i in 0..10 {
-        if log.push(vec![record(i)]).await == Err(DeliveryError::Full) {
+        if push(&log, &[record(i)]).await == Err(DeliveryError::Full) {
             refused += 1;
         }
     }
@@ -202,7 +210,7 @@ async fn full_buffer_refuses_and_drop_counts() {
     assert_eq!(accepted.len(), 10 - refused);
     log.ack(0);
     assert!(
-        log.push(vec![record(50)]).await.is_ok(),
+        push(&log, &[record(50)]).await.is_ok(),
         "room again once delivered"
     );
     log.close();
@@ -221,7 +229,7 @@ async fn a_flipped_bit_mid_segment_skips_only_the_damaged_frame() {
         .with_label_values(&["main"])
         .get();
     let log = open(dir.path(), 1 << 30);
-    log.push(vec![record(10)]).await.unwrap();
+    push(&log, &[record(10)]).await.unwrap();
     let mut want: Vec<i64> = (0..11).filter(|i| *i != 3).collect();
     want.sort();
     assert_eq!(take_all(&log), want);
@@ -329,9 +337,9 @@ async fn a_record_beyond_the_frame_limit_is_refused_before_it_is_written() {
     big.body
         .columns
         .insert("blob".into(), "x".repeat(MAX_FRAME_PAYLOAD));
-    assert_eq!(log.push(vec![big]).await, Err(DeliveryError::TooLarge));
+    assert_eq!(push(&log, &[big]).await, Err(DeliveryError::TooLarge));
     assert_eq!(log.spool_bytes(), 0);
-    log.push(vec![record(2)]).await.unwrap();
+    push(&log, &[record(2)]).await.unwrap();
     assert_eq!(take_all(&log), vec![2]);
     log.close();
 }

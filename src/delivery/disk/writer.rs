@@ -21,7 +21,7 @@ use super::frame::{encode_frame, HEADER, MAX_FRAME_PAYLOAD};
 use super::{create_segment, now_ms, segment_path, DiskLog, Position};
 use crate::delivery::{DeliveryError, FsyncPolicy};
 use crate::metrics;
-use crate::record::Record;
+use crate::record::RecordRef;
 use crate::sync::lock;
 
 /// At most one log line per this interval about failing appends.
@@ -77,11 +77,11 @@ impl DiskLog {
     /// Appends `records`: returns once they are written to the log (and fsynced with
     /// `fsync: always`). All or none are taken. A record whose frame would exceed
     /// [`MAX_FRAME_PAYLOAD`] is refused ([`DeliveryError::TooLarge`]) before anything is written.
-    pub async fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
+    pub async fn push(&self, records: &[RecordRef<'_>]) -> Result<(), DeliveryError> {
         let n = records.len() as u64;
         let appended = now_ms();
         let mut frames = Vec::with_capacity(records.iter().map(|r| r.approx_len() + HEADER).sum());
-        for record in &records {
+        for record in records {
             if encode_frame(record, appended, &mut frames) > MAX_FRAME_PAYLOAD {
                 return Err(DeliveryError::TooLarge);
             }

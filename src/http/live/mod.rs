@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::postback::reply::Refusal;
-use crate::record::Record;
+use crate::record::RecordRef;
 use crate::sync::lock;
 
 /// How many events a viewer may fall behind before it misses some.
@@ -40,7 +40,7 @@ enum Event<'a> {
         at_ms: u64,
         route: &'a str,
         #[serde(flatten)]
-        record: &'a Record,
+        record: &'a RecordRef<'a>,
     },
     Refused {
         seq: u64,
@@ -79,7 +79,7 @@ impl LiveView {
 
     /// Runs for every postback with records, before they are handed to delivery: their events,
     /// to [`LiveView::publish`] once delivery accepted them (`None` with the live view off).
-    pub fn render(&self, route: &str, records: &[Record]) -> Option<Vec<LiveEvent>> {
+    pub fn render(&self, route: &str, records: &[RecordRef<'_>]) -> Option<Vec<LiveEvent>> {
         if !self.enabled() {
             return None;
         }
@@ -164,17 +164,9 @@ impl LiveView {
 mod tests {
     use super::*;
     use crate::postback::reply::ErrorKind;
-    use crate::record::RecordBody;
 
-    fn record(page: &str) -> Record {
-        Record {
-            database: "web".into(),
-            table: "pv".into(),
-            body: RecordBody {
-                time: 7,
-                columns: [("page".to_string(), page.to_string())].into(),
-            },
-        }
+    fn record(page: &str) -> RecordRef<'_> {
+        RecordRef::new("web", "pv", 7, vec![("page".into(), page.into())])
     }
 
     #[test]
