@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use postback_proxy::delivery::disk::{decode_frame, encode_frame, Frame};
-use postback_proxy::record::{Record, RecordBody};
+use postback_proxy::record::{Record, RecordBody, RecordRef};
 
 #[derive(Arbitrary, Debug)]
 struct Rec {
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
         },
     };
     let mut buf = Vec::new();
-    encode_frame(&record, rec.appended_ms, &mut buf);
+    encode_frame(&RecordRef::from(&record), rec.appended_ms, &mut buf);
     let frame_len = buf.len();
     buf.extend_from_slice(&rec.trailing);
     match decode_frame(&buf) {

@@ -246,6 +246,9 @@ fuzz_target!(|data: &[u8]| {
                 let t = record.time;
                 assert!((NOW - PAST..=NOW + FUTURE).contains(&t), "time {t}");
                 let json = serde_json::to_vec(record).unwrap();
+                let mut written = Vec::new();
+                record.write_json(&mut written);
+                assert_eq!(written, json, "the frame's JSON and serde's differ");
                 let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
                 let obj = value["record"].as_object().expect("record object");
                 assert_eq!(obj.len(), record.len() + 1, "duplicate keys");

@@ -3,9 +3,7 @@
 //! A frame is `len: u32 LE`, `crc32: u32 LE` (of the next two fields), `appended_ms: u64 LE` (when
 //! the record was accepted), then `len` bytes of the record's JSON.
 
-use serde::Serialize;
-
-use crate::record::Record;
+use crate::record::{Record, RecordRef};
 
 /// Bytes before a frame's payload.
 pub const HEADER: usize = 16;
@@ -15,13 +13,11 @@ pub const HEADER: usize = 16;
 /// damage.
 pub const MAX_FRAME_PAYLOAD: usize = 64 << 20;
 
-/// Appends one record's frame to `out` (`record` is a [`crate::record::RecordRef`] or a
-/// [`Record`], which write the same JSON); returns the payload's length.
-pub fn encode_frame(record: &impl Serialize, appended_ms: u64, out: &mut Vec<u8>) -> usize {
+/// Appends one record's frame to `out`; returns the payload's length.
+pub fn encode_frame(record: &RecordRef<'_>, appended_ms: u64, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER]);
-    // Serializing strings and integers into a Vec cannot fail.
-    serde_json::to_writer(&mut *out, record).expect("record serializes");
+    record.write_json(out);
     let len = out.len() - start - HEADER;
     out[start + 8..start + 16].copy_from_slice(&appended_ms.to_le_bytes());
     let crc = crc32fast::hash(&out[start + 8..]);
@@ -113,7 +109,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_detect_damage() {
         let mut buf = Vec::new();
-        encode_frame(&record(7), 123, &mut buf);
+        encode_frame(&RecordRef::from(&record(7)), 123, &mut buf);
         let size = buf.len();
         assert_eq!(
             decode_frame(&buf),

@@ -130,7 +130,7 @@ async fn torn_tail_is_skipped_and_the_rest_delivered() {
     // A crash in the middle of a write: half a frame at the end of the segment.
     let seg = segment_path(&dir.path().join("main"), 1);
     let mut half = Vec::new();
-    encode_frame(&record(99), 1, &mut half);
+    encode_frame(&RecordRef::from(&record(99)), 1, &mut half);
     let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
     f.write_all(&half[..half.len() / 2]).unwrap();
     drop(f);
