@@ -130,20 +130,21 @@ impl<'a> RecordRef<'a> {
         time: i64,
         mut columns: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     ) -> Self {
-        // A stable sort keeps equal names in their order, so the last of each run is the later.
+        // A stable sort keeps equal names in their order. `dedup_by` hands over each column
+        // (`later`) with the one kept before it; the swap keeps the later value.
         columns.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut unique: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(columns.len());
-        for column in columns {
-            match unique.last_mut() {
-                Some(last) if last.0 == column.0 => *last = column,
-                _ => unique.push(column),
+        columns.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(later, kept);
             }
-        }
+            same
+        });
         RecordRef {
             database,
             table,
             time,
-            columns: unique,
+            columns,
         }
     }
 
@@ -371,16 +372,20 @@ mod tests {
                 Cow::Owned("line\nbreak\u{0}".to_string()),
             ),
             (Cow::Borrowed("ab"), Cow::Borrowed("first")),
+            (Cow::Borrowed("zz"), Cow::Borrowed("1")),
+            (Cow::Borrowed("ab"), Cow::Borrowed("between")),
             (Cow::Borrowed("ab"), Cow::Borrowed("second")),
+            (Cow::Borrowed("zz"), Cow::Borrowed("2")),
         ];
         let mut r = RecordRef::new("web", "pageviews", 1764245000, columns);
-        assert_eq!(r.len(), 3);
+        assert_eq!(r.len(), 4);
         assert_eq!(r.get("ab"), Some("second"));
-        assert_eq!(r.get("zz"), None);
+        assert_eq!(r.get("zz"), Some("2"));
+        assert_eq!(r.get("z"), None);
         r.insert("td_bot".into(), "crawler".into());
         r.insert("page".into(), "/b".into());
         let names: Vec<&str> = r.columns().iter().map(|(k, _)| &**k).collect();
-        assert_eq!(names, ["ab", "page", "q\"uote", "td_bot"]);
+        assert_eq!(names, ["ab", "page", "q\"uote", "td_bot", "zz"]);
 
         let owned = r.to_record();
         let mut line = Vec::new();
@@ -389,7 +394,7 @@ mod tests {
         assert_eq!(serde_json::to_vec(&r).unwrap(), line);
         assert_eq!(
             String::from_utf8(line).unwrap(),
-            r#"{"database":"web","table":"pageviews","record":{"time":1764245000,"ab":"second","page":"/b","q\"uote":"line\nbreak\u0000","td_bot":"crawler"}}"#
+            r#"{"database":"web","table":"pageviews","record":{"time":1764245000,"ab":"second","page":"/b","q\"uote":"line\nbreak\u0000","td_bot":"crawler","zz":"2"}}"#
         );
         assert_eq!(r.approx_len(), owned.approx_len());
         assert_eq!(RecordRef::from(&owned), r);

@@ -8,7 +8,7 @@ use http::{header, Method};
 use serde_json::Value;
 
 use super::fields::Fields;
-use super::query::{parse_pairs, Pair};
+use super::query::{for_each_pair, max_pairs, Pair};
 use super::reply::{ErrorKind, Refusal};
 
 /// The special parameters and the columns gathered from a query, form or JSON object; what
@@ -79,15 +79,14 @@ impl<'a> Params<'a> {
         }
     }
 
-    fn from_pairs(pairs: Vec<Pair<'a>>) -> Params<'a> {
+    /// The parameters of a query string.
+    fn from_query(query: &'a [u8]) -> Result<Params<'a>, Refusal> {
         let mut p = Params {
-            columns: Vec::with_capacity(pairs.len()),
+            columns: Vec::with_capacity(max_pairs(query)),
             ..Params::default()
         };
-        for (name, value) in pairs {
-            p.add(name, value);
-        }
-        p
+        for_each_pair(query, |name, value| p.add(name, value)).map_err(|e| bad(e.0))?;
+        Ok(p)
     }
 
     /// Columns and `td_record_time` from a JSON object. Strings are kept, other scalars and nested
@@ -117,9 +116,8 @@ pub fn parse<'a>(
     headers: Fields<'_>,
     body: &'a [u8],
 ) -> Result<Parsed<'a>, Refusal> {
-    let pairs = parse_pairs(query.unwrap_or("").as_bytes()).map_err(|e| bad(e.0))?;
     let mut parsed = Parsed {
-        query: Params::from_pairs(pairs),
+        query: Params::from_query(query.unwrap_or("").as_bytes())?,
         objects: None,
     };
     if *method != Method::POST {
@@ -154,9 +152,8 @@ pub fn parse<'a>(
             parsed.query.columns.clear();
         }
         Some("application/x-www-form-urlencoded") => {
-            for (name, value) in parse_pairs(body).map_err(|e| bad(e.0))? {
-                parsed.query.add(name, value);
-            }
+            for_each_pair(body, |name, value| parsed.query.add(name, value))
+                .map_err(|e| bad(e.0))?;
         }
         None if body.is_empty() => {}
         _ => {

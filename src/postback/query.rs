@@ -15,19 +15,33 @@ pub type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 /// Splits `input` on `&`, each piece on its first `=`, and decodes both halves: `+` is a space,
 /// `%XX` a byte, and the result must be UTF-8. Empty pieces (`a=1&&b=2`) are skipped; a piece
-/// without `=` is a name with an empty value. Runs once per postback, on the query and on a form
-/// body. The error names the parameter (never its value, which may be a write key).
+/// without `=` is a name with an empty value. The error names the parameter (never its value,
+/// which may be a write key).
 pub fn parse_pairs(input: &[u8]) -> Result<Vec<Pair<'_>>, QueryError> {
+    let mut pairs = Vec::with_capacity(max_pairs(input));
+    for_each_pair(input, |name, value| pairs.push((name, value)))?;
+    Ok(pairs)
+}
+
+/// The most pairs `input` can hold: one per `&`-separated piece (one vectorized pass).
+pub fn max_pairs(input: &[u8]) -> usize {
+    1 + input.iter().filter(|&&b| b == b'&').count()
+}
+
+/// [`parse_pairs`], handing each pair to `f` in order rather than collecting them. Runs once per
+/// postback, on the query and on a form body; pairs before an error have been handed over.
+pub fn for_each_pair<'a>(
+    input: &'a [u8],
+    mut f: impl FnMut(Cow<'a, str>, Cow<'a, str>),
+) -> Result<(), QueryError> {
     // Checked once as a whole: a piece of valid UTF-8 cut at an ASCII `&` or `=` is valid too.
     let text = std::str::from_utf8(input).ok();
-    // A piece per `&` at most; the count is one vectorized pass.
-    let mut pairs = Vec::with_capacity(1 + input.iter().filter(|&&b| b == b'&').count());
     // One pass over the bytes finds the pieces, their first `=` and which halves need decoding.
     let mut piece = Piece::starting(0);
     for (i, &b) in input.iter().enumerate() {
         match b {
             b'&' => {
-                piece.end(input, text, i, &mut pairs)?;
+                piece.end(input, text, i, &mut f)?;
                 piece = Piece::starting(i + 1);
             }
             b'=' if piece.eq.is_none() => piece.eq = Some(i),
@@ -36,8 +50,7 @@ pub fn parse_pairs(input: &[u8]) -> Result<Vec<Pair<'_>>, QueryError> {
             _ => {}
         }
     }
-    piece.end(input, text, input.len(), &mut pairs)?;
-    Ok(pairs)
+    piece.end(input, text, input.len(), &mut f)
 }
 
 /// The `&`-separated piece being read.
@@ -59,13 +72,13 @@ impl Piece {
         }
     }
 
-    /// Decodes the piece, which ends at `end`, into `pairs` (unless it is empty).
+    /// Decodes the piece, which ends at `end`, and hands it to `f` (unless it is empty).
     fn end<'a>(
         &self,
         input: &'a [u8],
         text: Option<&'a str>,
         end: usize,
-        pairs: &mut Vec<Pair<'a>>,
+        f: &mut impl FnMut(Cow<'a, str>, Cow<'a, str>),
     ) -> Result<(), QueryError> {
         if self.start == end {
             return Ok(());
@@ -82,7 +95,7 @@ impl Piece {
                 name.escape_default()
             ))
         })?;
-        pairs.push((name, value));
+        f(name, value);
         Ok(())
     }
 }
