@@ -863,6 +863,73 @@ async fn header_timeout_and_keepalive_hold_on_the_fast_path() {
     assert_eq!(records.iter().filter(|r| r["table"] == "t_slow").count(), 2);
 }
 
+/// Reads one answer with a `Content-Length` (at most 10 s).
+fn read_answer(stream: &mut TcpStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("an answer's head");
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8(got).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("a Content-Length")
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    head
+}
+
+/// At SIGTERM an open connection is not cut between two requests, where its client may already
+/// be sending the next one: that request, and a head half sent when the signal came, are read
+/// and answered with `Connection: close`, and their records land before the exit.
+#[tokio::test]
+async fn requests_on_open_connections_at_sigterm_are_answered_then_closed() {
+    let origin = Origin::start();
+    let mut proxy = start_with_server(&origin, "  keepalive_timeout_seconds: 30\n");
+    let addr = proxy.addr();
+    let head = |n: u32| get(&format!("{}&n={n}", pixel("t_term")), &browser());
+    let mut kept = TcpStream::connect(addr).unwrap();
+    kept.write_all(&head(1)).unwrap();
+    let first = read_answer(&mut kept);
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    assert!(!first.contains("Connection: close"), "{first}");
+    let mut half = TcpStream::connect(addr).unwrap();
+    let third = head(3);
+    half.write_all(&third[..30]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    proxy.sigterm();
+    proxy.wait_log("Graceful shutdown started", Duration::from_secs(10));
+    kept.write_all(&head(2)).unwrap();
+    half.write_all(&third[30..]).unwrap();
+    for (what, stream) in [("kept alive", &mut kept), ("half sent", &mut half)] {
+        let (got, _) = wait_closed(stream, Duration::from_secs(10)).expect("closed");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{what}: {text:?}");
+        assert!(
+            text.contains("\r\nConnection: close\r\n"),
+            "{what}: {text:?}"
+        );
+    }
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status}; stderr:\n{}", proxy.stderr());
+    let mut seen: Vec<String> = proxy
+        .lines()
+        .iter()
+        .filter(|r| r["table"] == "t_term")
+        .map(|r| r["record"]["n"].as_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["1", "2", "3"]);
+}
+
 /// Beyond `server.max_connections` a new connection is closed at once, unanswered, and counted;
 /// once one closes, a new one is served again.
 #[tokio::test]

@@ -9,6 +9,12 @@
 //! the client closes first), the request goes to Pingora, which reads the rest under its own
 //! rules and answers as it always does.
 //!
+//! At shutdown (SIGTERM, or the broadcast a graceful upgrade sends once the new process has the
+//! listeners) a connection is not cut between two requests, where a client may already be
+//! sending the next one: that request is still read and answered, with `Connection: close`. An
+//! idle connection ends when its keep-alive runs out or the runtime stops, after
+//! `grace_period_seconds`. (Pingora's own path closes idle connections at the broadcast.)
+//!
 //! Keep-alive and pipelining follow Pingora's HTTP/1 session with pipelining off (its default),
 //! so that both give the same answers: `Connection: close` closes after the answer; bytes a
 //! client sent after a request's end close the connection after that request's answer (Pingora:
@@ -198,9 +204,6 @@ impl<'a> Conn<'a> {
                     deadline = Some(Instant::now() + fast.header_timeout);
                 }
             }
-            if *self.shutdown.borrow() {
-                return Step::Close;
-            }
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => fast.keepalive,
@@ -237,15 +240,10 @@ impl<'a> Conn<'a> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(self.buf.capacity().max(INITIAL_BUFFER));
         }
-        let Conn { buf, shutdown, .. } = self;
-        tokio::select! {
-            biased;
-            read = timeout(wait, stream.read_buf(buf)) => match read {
-                Err(_) => Read::TimedOut,
-                Ok(Ok(0)) | Ok(Err(_)) => Read::Closed,
-                Ok(Ok(_)) => Read::Data,
-            },
-            _ = shutdown.changed() => Read::Closed,
+        match timeout(wait, stream.read_buf(&mut self.buf)).await {
+            Err(_) => Read::TimedOut,
+            Ok(Ok(0)) | Ok(Err(_)) => Read::Closed,
+            Ok(Ok(_)) => Read::Data,
         }
     }
 
