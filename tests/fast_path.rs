@@ -892,7 +892,22 @@ fn read_answer(stream: &mut TcpStream) -> String {
 #[tokio::test]
 async fn requests_on_open_connections_at_sigterm_are_answered_then_closed() {
     let origin = Origin::start();
-    let mut proxy = start_with_server(&origin, "  keepalive_timeout_seconds: 30\n");
+    let settings = Settings::new(origin.peer());
+    // 5 s of grace after the signal (the harness gives 1 s): room for a slow machine.
+    let mut proxy = Proxy::start_yaml(
+        move |dir, port, admin| {
+            settings
+                .yaml(dir, port, admin.expect("an admin port"))
+                .replacen(
+                    "server:\n",
+                    "server:\n  fast_path: true\n  keepalive_timeout_seconds: 30\n",
+                    1,
+                )
+                .replacen("grace_period_seconds: 1\n", "grace_period_seconds: 5\n", 1)
+        },
+        true,
+        |dir| dir.join("events.jsonl"),
+    );
     let addr = proxy.addr();
     let head = |n: u32| get(&format!("{}&n={n}", pixel("t_term")), &browser());
     let mut kept = TcpStream::connect(addr).unwrap();
