@@ -2,8 +2,9 @@
 //!
 //! Run: `cargo bench --bench throughput` (options after `--`: `--duration 10 --rounds 3
 //! --connections 64 --only pixel,json,batch,redirect,passthrough --layout pinned|shared|both`,
-//! or `--quick` for a 2-second, 1-round smoke run). It installs nginx and wrk with apt-get when
-//! they are missing (Debian: run as root).
+//! or `--quick` for a 2-second, 1-round smoke run; `--write-setup DIR` writes the proxy's
+//! configuration and the wrk scripts for `benches/profile/` and runs nothing). It installs nginx
+//! and wrk with apt-get when they are missing (Debian: run as root).
 //!
 //! For each variant, the release binary of the proxy and an nginx configured to do the nearest
 //! equivalent (`benches/throughput/nginx.conf`) are started fresh for every run, in turn, round
@@ -59,11 +60,14 @@ struct Options {
     proxy: PathBuf,
     /// Connections with half a request head for the memory measurement (`--half-sent`).
     half_sent: usize,
+    /// Write the profiling set-up there and run nothing (`--write-setup`).
+    write_setup: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: cargo bench --bench throughput -- [--duration SECS] [--rounds N] \
 [--connections N] [--only pixel,json,batch,redirect,passthrough] [--layout pinned|shared|both] \
-[--proxy PATH] [--baseline PATH-TO-ANOTHER-PROXY-BINARY] [--half-sent N] [--quick]";
+[--proxy PATH] [--baseline PATH-TO-ANOTHER-PROXY-BINARY] [--half-sent N] [--quick] \
+[--write-setup DIR]";
 
 fn parse_options() -> Options {
     let mut duration = None;
@@ -75,6 +79,7 @@ fn parse_options() -> Options {
     let mut baseline = None;
     let mut proxy = PathBuf::from(PROXY_BIN);
     let mut half_sent = 3000;
+    let mut write_setup = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         // `--name value` or `--name=value`.
@@ -97,6 +102,7 @@ fn parse_options() -> Options {
             "--baseline" => baseline = Some(PathBuf::from(value())),
             "--proxy" => proxy = PathBuf::from(value()),
             "--half-sent" => half_sent = number(&name, &value()) as usize,
+            "--write-setup" => write_setup = Some(PathBuf::from(value())),
             "--only" => only = value().split(',').map(|s| s.trim().to_string()).collect(),
             "--layout" => {
                 layouts = match value().as_str() {
@@ -123,6 +129,7 @@ fn parse_options() -> Options {
         baseline,
         proxy,
         half_sent,
+        write_setup,
     };
     if options.duration_secs == 0 || options.rounds == 0 || options.connections == 0 {
         fail("--duration, --rounds and --connections must be at least 1");
@@ -1176,8 +1183,32 @@ fn report(options: &Options, variants: &[Variant], results: &Results) {
 
 // ---------------------------------------------------------------------------------------------
 
+/// `--write-setup DIR`: the proxy's configuration (one thread, the disk buffer, port 18080, the
+/// origin on 18081, files under DIR) and every variant's wrk script (`DIR/VARIANT.lua`), for
+/// `benches/profile/` to run the bench's own requests under a profiler.
+fn write_setup(dir: &Path) {
+    fs::create_dir_all(dir).expect("create the set-up folder");
+    let fields = [
+        ("DIR", dir.display().to_string()),
+        ("PORT", "18080".to_string()),
+        ("ORIGIN_PORT", "18081".to_string()),
+        ("THREADS", "1".to_string()),
+        ("BUFFER", Buffer::Disk.name().to_string()),
+        ("WRITE_KEY", WRITE_KEY.to_string()),
+    ];
+    fs::write(dir.join("proxy.yaml"), fill(PROXY_TEMPLATE, &fields)).expect("write proxy.yaml");
+    for variant in variants() {
+        let script = dir.join(format!("{}.lua", variant.name));
+        fs::write(script, variant.wrk_script()).expect("write a wrk script");
+    }
+}
+
 fn main() {
     let options = parse_options();
+    if let Some(dir) = &options.write_setup {
+        write_setup(dir);
+        return;
+    }
     let all = variants();
     for name in &options.only {
         if !all.iter().any(|v| v.name == name) {

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Instructions per request, counted by valgrind's callgrind (repeatable on a shared machine,
-# unlike time). Runs BINARY with benches/profile/proxy.yaml (one thread, the disk buffer, a file
-# sink, port 18080; upstream 127.0.0.1:18081), warms it up for 3 s, then counts SECONDS of
-# sequential keep-alive requests from one wrk connection running LUA.
+# unlike time). Runs BINARY with the throughput bench's configuration and request for VARIANT
+# (`cargo bench --bench throughput -- --write-setup`: one thread, the disk buffer, a file sink,
+# port 18080, upstream 127.0.0.1:18081), warms it up for 3 s, then counts SECONDS of sequential
+# keep-alive requests from one wrk connection.
 #
-#   benches/profile/callgrind.sh target/release/postback-proxy benches/profile/pixel.lua 10
+#   benches/profile/callgrind.sh target/release/postback-proxy pixel 10
 #
 # Prints the requests, the records that reached the sink, instructions per request over every
 # thread, and those of the fast path's connection tasks alone (the request's own work). The
 # callgrind output stays in the scratch directory it names, for callgrind_annotate. Needs valgrind
-# and wrk; passthrough.lua also needs an origin on 127.0.0.1:18081. Cores 0 and 1 are used.
+# and wrk; `passthrough` also needs an origin on 127.0.0.1:18081. Cores 0 and 1 are used.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+cd "$(dirname "$0")/../.."
 bin=$(realpath "$1")
-lua=$(realpath "$2")
+variant=${2:-pixel}
 secs=${3:-10}
 work=$(mktemp -d)
-mkdir -p "$work/sink" "$work/buffer"
-sed "s|@DIR@|$work|g" "$here/proxy.yaml" >"$work/proxy.yaml"
+cargo bench -q --bench throughput -- --write-setup "$work" >/dev/null
+lua="$work/$variant.lua"
+[ -f "$lua" ] || { echo "no variant $variant: $(cd "$work" && ls ./*.lua)" >&2; exit 2; }
 
 taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   "$bin" -c "$work/proxy.yaml" >"$work/proxy.log" 2>&1 &

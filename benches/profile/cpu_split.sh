@@ -3,7 +3,8 @@
 # `wrk -t1 -c64 -d5s` (pinned to core 1) with LUA against 127.0.0.1:PORT and divides the
 # utime/stime that the PIDs (the proxy's; nginx's master and workers) gained by the requests.
 #
-#   benches/profile/cpu_split.sh proxy benches/profile/pixel.lua 18080 $(pgrep -f 'postback-proxy -c')
+#   cargo bench --bench throughput -- --write-setup /tmp/setup   # the wrk scripts
+#   benches/profile/cpu_split.sh proxy /tmp/setup/pixel.lua 18080 $(pgrep -f "postback-proxy -c")
 #
 # Pin the server to core 0 (`taskset -c 0`) first, and alternate runs between servers.
 set -euo pipefail

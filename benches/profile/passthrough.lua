@@ -1,6 +1,0 @@
-wrk.method = "GET"
-wrk.path = "/products/42?ref=home"
-wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
-wrk.headers["Accept"] = "*/*"
-wrk.headers["Accept-Language"] = "en-US,en;q=0.9"
-wrk.headers["Cookie"] = "_td_global=5f0b8a52-1c3e-4c0e-9d7e-2f1a6b3c4d5e; _ga=GA1.1.1234567890.1764245000"

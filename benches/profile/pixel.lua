@@ -1,6 +1,0 @@
-wrk.method = "GET"
-wrk.path = "/postback/v3/event/web/pageviews?td_format=pixel&td_write_key=1/bench0123456789abcdef&page=%2Fproducts%2F42&referrer=https%3A%2F%2Fwww.example.com%2Fsearch%3Fq%3Dshoes&campaign=winter_sale&ab=b&screen=1920x1080&td_ip=td_ip&td_ua=td_ua&td_global_id=td_global_id"
-wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
-wrk.headers["Accept"] = "*/*"
-wrk.headers["Accept-Language"] = "en-US,en;q=0.9"
-wrk.headers["Cookie"] = "_td_global=5f0b8a52-1c3e-4c0e-9d7e-2f1a6b3c4d5e; _ga=GA1.1.1234567890.1764245000"
