@@ -8,6 +8,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use super::client_ip::ClientIpPolicy;
+use crate::postback::fields::X_FORWARDED_FOR;
 
 /// The TCP peer's address (IPv4-mapped IPv6 addresses as IPv4).
 pub fn peer_ip(session: &Session) -> Option<IpAddr> {
@@ -38,7 +39,7 @@ pub fn add_forwarded_headers(
             for v in session
                 .req_header()
                 .headers
-                .get_all("x-forwarded-for")
+                .get_all(&X_FORWARDED_FOR)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
             {
