@@ -112,7 +112,7 @@ impl Record {
 
 /// A record whose columns are borrowed from the request they came from, where they needed no
 /// decoding: what [`crate::postback::Postback::handle`] returns and delivery takes. Written as
-/// JSON exactly as the [`Record`] [`RecordRef::to_record`] makes.
+/// JSON ([`RecordRef::write_json`]) exactly as the [`Record`] [`RecordRef::to_record`] makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordRef<'a> {
     pub database: &'a str,
@@ -201,10 +201,19 @@ impl<'a> RecordRef<'a> {
         )
     }
 
-    /// Appends the record's JSON to `out`: the bytes its `Serialize` gives, written without
-    /// serde's per-value dispatch. Runs for every accepted record, into the disk buffer's frame.
+    /// Appends the record's JSON to `out`: the bytes `Record`'s `Serialize` gives for
+    /// [`RecordRef::to_record`], written without serde's per-value dispatch. Runs for every
+    /// accepted record, into the disk buffer's frame (and the live view's event).
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"database\":");
+        out.push(b'{');
+        self.write_json_members(out);
+        out.push(b'}');
+    }
+
+    /// [`RecordRef::write_json`] without the outer braces (`"database":…,"record":{…}`), for
+    /// an object that carries the record's members among its own.
+    pub fn write_json_members(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"\"database\":");
         write_json_str(out, self.database);
         out.extend_from_slice(b",\"table\":");
         write_json_str(out, self.table);
@@ -217,7 +226,7 @@ impl<'a> RecordRef<'a> {
             out.push(b':');
             write_json_str(out, value);
         }
-        out.extend_from_slice(b"}}");
+        out.push(b'}');
     }
 
     fn find(&self, name: &str) -> Result<usize, usize> {
@@ -238,30 +247,6 @@ impl<'a> From<&'a Record> for RecordRef<'a> {
                 .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
                 .collect(),
         }
-    }
-}
-
-/// The same JSON as [`Record`]'s.
-impl Serialize for RecordRef<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(3))?;
-        map.serialize_entry("database", self.database)?;
-        map.serialize_entry("table", self.table)?;
-        map.serialize_entry("record", &BodyRef(self))?;
-        map.end()
-    }
-}
-
-struct BodyRef<'r, 'a>(&'r RecordRef<'a>);
-
-impl Serialize for BodyRef<'_, '_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(1 + self.0.columns.len()))?;
-        map.serialize_entry("time", &self.0.time)?;
-        for (name, value) in &self.0.columns {
-            map.serialize_entry(&**name, &**value)?;
-        }
-        map.end()
     }
 }
 
@@ -391,7 +376,9 @@ mod tests {
         let mut line = Vec::new();
         owned.to_json_line(&mut line);
         line.pop();
-        assert_eq!(serde_json::to_vec(&r).unwrap(), line);
+        let mut written = Vec::new();
+        r.write_json(&mut written);
+        assert_eq!(written, line);
         assert_eq!(
             String::from_utf8(line).unwrap(),
             r#"{"database":"web","table":"pageviews","record":{"time":1764245000,"ab":"second","page":"/b","q\"uote":"line\nbreak\u0000","td_bot":"crawler","zz":"2"}}"#
@@ -427,7 +414,8 @@ mod tests {
                 let mut out = b"prefix".to_vec();
                 r.write_json(&mut out);
                 assert_eq!(&out[..6], b"prefix");
-                assert_eq!(out[6..], serde_json::to_vec(&r).unwrap(), "{text:?}");
+                let serde = serde_json::to_vec(&r.to_record()).unwrap();
+                assert_eq!(out[6..], serde, "{text:?}");
             }
         }
     }

@@ -245,7 +245,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let t = record.time;
                 assert!((NOW - PAST..=NOW + FUTURE).contains(&t), "time {t}");
-                let json = serde_json::to_vec(record).unwrap();
+                let json = serde_json::to_vec(&record.to_record()).unwrap();
                 let mut written = Vec::new();
                 record.write_json(&mut written);
                 assert_eq!(written, json, "the frame's JSON and serde's differ");
