@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write;
+use std::net::IpAddr;
 
 use http::header;
 
@@ -145,10 +146,56 @@ fn client_ip(
         return String::new();
     };
     let xff = req.headers.get_all(&X_FORWARDED_FOR);
-    let ip = policy.recorded(policy.client_ip(peer, xff), anonymize);
+    ip_text(policy.recorded(policy.client_ip(peer, xff), anonymize))
+}
+
+/// `ip` as `Display` writes it, IPv4 (the common case) without `fmt`'s machinery.
+fn ip_text(ip: IpAddr) -> String {
     // Room for the longest IPv6 address: written without growing.
     let mut text = String::with_capacity(39);
-    // Writing into a String cannot fail.
-    let _ = write!(text, "{ip}");
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                if octet >= 100 {
+                    text.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    text.push(char::from(b'0' + octet / 10 % 10));
+                }
+                text.push(char::from(b'0' + octet % 10));
+            }
+        }
+        // Writing into a String cannot fail.
+        IpAddr::V6(_) => {
+            let _ = write!(text, "{ip}");
+        }
+    }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// Every octet value in every position is written as `Display` writes it; IPv6 by `Display`.
+    #[test]
+    fn ip_is_written_as_display_writes_it() {
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ip_text(v6), "2001:db8::1");
+        for n in 0..=255u8 {
+            for ip in [
+                Ipv4Addr::new(n, 0, 9, 10),
+                Ipv4Addr::new(99, n, 100, 255),
+                Ipv4Addr::new(1, 200, n, 0),
+                Ipv4Addr::new(255, 7, 30, n),
+            ] {
+                assert_eq!(ip_text(ip.into()), ip.to_string());
+            }
+        }
+    }
 }

@@ -11,8 +11,9 @@
 //!   buffers (two proxies, or a buffer deleted and created again) never give two different batches
 //!   the same id.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{segment_path, segments, Position};
@@ -25,10 +26,22 @@ pub(super) fn read_checkpoint(dir: &Path) -> Option<Position> {
     Some(Position { segment, offset })
 }
 
+/// Moves the checkpoint to `at`, after each delivered batch. The file is overwritten in place
+/// with a line of fixed width (42 bytes, inside one disk sector), not replaced by a new file: a
+/// replaced inode is freed on every batch, and on a filesystem mounted with `discard` that frees
+/// its block with a synchronous discard, a disk round trip per batch. A crash leaves the old line
+/// or the new one; should it ever leave neither, reading starts at the first segment (records
+/// are sent again, none is lost).
 pub(super) fn write_checkpoint(dir: &Path, at: Position) -> std::io::Result<()> {
-    let tmp = dir.join("checkpoint.tmp");
-    std::fs::write(&tmp, format!("{} {}\n", at.segment, at.offset))?;
-    std::fs::rename(tmp, dir.join("checkpoint"))
+    let line = format!("{:020} {:020}\n", at.segment, at.offset);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("checkpoint"))?;
+    // Every line, of this width or of the earlier variable-width one, is at most 42 bytes: this
+    // one covers all of the previous.
+    file.write_all_at(line.as_bytes(), 0)
 }
 
 /// The range of the batch in flight, as [`write_intent`] left it.

@@ -174,6 +174,7 @@ impl DiskLog {
                 file: Some(live_file),
                 end,
                 dirty: false,
+                unflushed: false,
                 retired: Vec::new(),
             }),
             sync_wake: Condvar::new(),

@@ -343,3 +343,32 @@ async fn a_record_beyond_the_frame_limit_is_refused_before_it_is_written() {
     assert_eq!(take_all(&log), vec![2]);
     log.close();
 }
+
+#[test]
+fn the_checkpoint_is_overwritten_in_place_and_an_earlier_line_is_still_read() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("checkpoint");
+    let at = |segment, offset| Position { segment, offset };
+    // The variable-width line earlier versions wrote, the longest one among them.
+    for (earlier, want) in [
+        ("7 123456\n".to_string(), at(7, 123456)),
+        (
+            format!("{} {}\n", u64::MAX, u64::MAX),
+            at(u64::MAX, u64::MAX),
+        ),
+    ] {
+        std::fs::write(&path, &earlier).unwrap();
+        assert_eq!(checkpoint::read_checkpoint(dir.path()), Some(want));
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        checkpoint::write_checkpoint(dir.path(), at(3, 9)).unwrap();
+        assert_eq!(checkpoint::read_checkpoint(dir.path()), Some(at(3, 9)));
+        // The same file, not a new one put in its place; one fixed-width line, nothing left over.
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "00000000000000000003 00000000000000000009\n"
+        );
+    }
+    assert!(!dir.path().join("checkpoint.tmp").exists());
+}
