@@ -48,6 +48,9 @@ pub(super) struct ReadState {
     pub oldest_ms: Option<u64>,
     /// Up to where the page cache of delivered frames has been let go (see [`drop_delivered`]).
     pub uncached_to: Position,
+    /// The length of a segment the writer has left, `(segment, bytes)`, as last seen: asked
+    /// of the file system again only once reading reaches it, not once per frame.
+    pub left_len: Option<(u64, u64)>,
 }
 
 impl ReadState {
@@ -64,6 +67,7 @@ impl ReadState {
             consumed: 0,
             oldest_ms: None,
             uncached_to: start,
+            left_len: None,
         }
     }
 }
@@ -97,9 +101,16 @@ impl DiskLog {
             }
             let seg_end = if read.at.segment == end.segment {
                 end.offset
+            } else if let Some(len) = read.left_len.and_then(|(seg, len)| {
+                (seg == read.at.segment && read.at.offset < len).then_some(len)
+            }) {
+                len
             } else {
                 match std::fs::metadata(segment_path(&self.dir, read.at.segment)) {
-                    Ok(m) => m.len(),
+                    Ok(m) => {
+                        read.left_len = Some((read.at.segment, m.len()));
+                        m.len()
+                    }
                     Err(_) => {
                         // A missing segment: nothing to read there.
                         next_segment(&mut read, 0);
