@@ -1,4 +1,6 @@
 //! `buffer: memory`: a bounded in-memory queue per sink; fast, and a crash loses what it holds.
+//! Each record waits as the JSON the disk buffer's frames hold (one allocation, no map per
+//! record); the lane hands the sink a batch of them as the disk buffer does.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +12,13 @@ use tokio::sync::Notify;
 
 use super::DeliveryError;
 use crate::metrics;
-use crate::record::Record;
+use crate::record::RecordRef;
+use crate::sink::EncodedRecords;
 use crate::sync::{lock, sub_saturating};
 
 struct State {
-    records: VecDeque<(Instant, Record)>,
+    /// Each record's JSON, with when it was accepted.
+    records: VecDeque<(Instant, Box<[u8]>)>,
     closed: bool,
     /// Lengths of the records taken and not yet done with (delivered or given up).
     taken_bytes: u64,
@@ -58,9 +62,17 @@ impl MemoryQueue {
     }
 
     /// Takes all of `records` or none of them.
-    pub fn push(&self, records: Vec<Record>) -> Result<(), DeliveryError> {
+    pub fn push(&self, records: &[RecordRef<'_>]) -> Result<(), DeliveryError> {
         let n = records.len();
-        let bytes: usize = records.iter().map(Record::approx_len).sum();
+        let encoded: Vec<Box<[u8]>> = records
+            .iter()
+            .map(|r| {
+                let mut json = Vec::with_capacity(r.approx_len());
+                r.write_json(&mut json);
+                json.into_boxed_slice()
+            })
+            .collect();
+        let bytes: usize = encoded.iter().map(|json| json.len()).sum();
         let now = Instant::now();
         {
             let mut state = lock(&self.state);
@@ -70,7 +82,9 @@ impl MemoryQueue {
             if state.records.len() + n > self.capacity {
                 return Err(DeliveryError::Full);
             }
-            state.records.extend(records.into_iter().map(|r| (now, r)));
+            state
+                .records
+                .extend(encoded.into_iter().map(|json| (now, json)));
         }
         self.waiting.fetch_add(n as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -80,22 +94,25 @@ impl MemoryQueue {
         Ok(())
     }
 
-    /// Moves up to `max_records` records (and about `max_bytes`) into `batch`; returns how many.
-    pub fn take(&self, batch: &mut Vec<Record>, max_records: usize, max_bytes: usize) -> usize {
+    /// Moves up to `max_records` records (and about `max_bytes`) after those already in `batch`
+    /// into it; returns how many.
+    pub fn take(&self, batch: &mut EncodedRecords, max_records: usize, max_bytes: usize) -> usize {
         let mut state = lock(&self.state);
-        let mut bytes: usize = batch.iter().map(Record::approx_len).sum();
+        let mut bytes = batch.text_len();
         let mut taken = 0;
         while batch.len() < max_records {
             let Some((_, next)) = state.records.front() else {
                 break;
             };
-            let len = next.approx_len();
+            let len = next.len();
             if !batch.is_empty() && bytes + len > max_bytes {
                 break;
             }
             bytes += len;
             state.taken_bytes += len as u64;
-            batch.extend(state.records.pop_front().map(|(_, r)| r));
+            if let Some((_, json)) = state.records.pop_front() {
+                batch.push(&json);
+            }
             taken += 1;
         }
         taken

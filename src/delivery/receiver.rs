@@ -9,16 +9,13 @@ use log::{error, info, warn};
 use super::disk::DiskLog;
 use super::Buffer;
 use crate::metrics;
-use crate::record::Record;
 use crate::sink::{Batch, EncodedRecords};
 
 /// Takes batches from one sink's buffer.
 pub struct Receiver(pub(super) Buffer);
 
-/// The records taken for the batch being formed: as records from a memory buffer, as the JSON of
-/// their frames from a disk buffer.
+/// The records taken for the batch being formed, as the JSON the buffer holds them in.
 pub struct Taken {
-    records: Vec<Record>,
     encoded: EncodedRecords,
 }
 
@@ -26,14 +23,13 @@ impl Taken {
     /// None yet, for the sink `sink`.
     pub fn new(sink: &str) -> Self {
         Taken {
-            records: Vec::new(),
             encoded: EncodedRecords::new(sink),
         }
     }
 
     /// How many records.
     pub fn len(&self) -> usize {
-        self.records.len() + self.encoded.len()
+        self.encoded.len()
     }
 
     /// `true` when there are none.
@@ -43,17 +39,12 @@ impl Taken {
 
     /// Forgets them (they were delivered), keeping the allocations.
     pub fn clear(&mut self) {
-        self.records.clear();
         self.encoded.clear();
     }
 
     /// The records as the batch `id` for the sink.
     pub fn batch(&self, id: String) -> Batch<'_> {
-        if self.encoded.is_empty() {
-            Batch::new(&self.records, id)
-        } else {
-            Batch::encoded(&self.encoded, id)
-        }
+        Batch::encoded(&self.encoded, id)
     }
 }
 
@@ -63,7 +54,7 @@ impl Receiver {
     pub async fn take(&self, mut batch: Taken, max_records: usize, max_bytes: usize) -> Taken {
         match &self.0 {
             Buffer::Memory(q) => {
-                q.take(&mut batch.records, max_records, max_bytes);
+                q.take(&mut batch.encoded, max_records, max_bytes);
                 batch
             }
             Buffer::Disk(d) => {

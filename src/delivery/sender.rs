@@ -11,7 +11,7 @@ impl Sender {
     /// with `buffer: disk`).
     pub async fn push(&self, records: &[RecordRef<'_>]) -> Result<(), DeliveryError> {
         match &self.0 {
-            Buffer::Memory(q) => q.push(records.iter().map(RecordRef::to_record).collect()),
+            Buffer::Memory(q) => q.push(records),
             Buffer::Disk(d) => d.push(records).await,
         }
     }

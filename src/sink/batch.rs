@@ -156,6 +156,11 @@ impl EncodedRecords {
         self.ends.len()
     }
 
+    /// The bytes of JSON held, newlines included.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
     /// `true` when there are none.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
