@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::watch;
 
 use super::frame::{encode_frame, HEADER, MAX_FRAME_PAYLOAD};
@@ -337,9 +337,10 @@ impl DiskLog {
                 libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
             };
             if rc != 0 {
-                // Only a hint: the interval fsync writes and reports what this did not.
+                // Only a hint, tried every 10 ms: the interval fsync writes what this did not,
+                // and it is the one that logs and counts a failing disk.
                 let e = std::io::Error::last_os_error();
-                warn!(
+                debug!(
                     "sink {}: starting the buffer's writeback failed: {e}",
                     self.sink
                 );
