@@ -20,10 +20,11 @@ use crate::sink::{Batch, LogSink, Rejection};
 /// How often the lane asks the sink about its peer ([`LogSink::peer_down`]).
 const PEER_POLL: Duration = Duration::from_secs(1);
 
-/// How long the lane gives up its core after delivering a full batch (a backlog). A lane with a backlog is CPU-bound, and on a kernel without
-/// preemption (`PREEMPT_NONE`, the usual server build) it would keep a core it shares with the
-/// proxy's answers for a whole scheduler tick, several ms, between them; this pause lets the
-/// answers waiting on that core run. At 1,000 records a batch it caps nothing that matters.
+/// How long the lane gives up its core after delivering a full batch (a backlog). A lane with a
+/// backlog is CPU-bound, and on a kernel without preemption (`PREEMPT_NONE`, the usual server
+/// build) it would keep a core it shares with the proxy's answers for a whole scheduler tick,
+/// several ms, between them; this pause lets the answers waiting on that core run. At 1,000
+/// records a batch it caps nothing that matters.
 const BACKLOG_PACE: Duration = Duration::from_micros(50);
 
 /// How long a sink's close may take at shutdown.

@@ -263,13 +263,15 @@ impl Route {
                     }
                     // A whole-segment placeholder has neither: no comparison to make (each
                     // one is a `memcmp` call, which showed in the fast path's profile).
-                    let name = match prefix.is_empty() {
-                        true => part,
-                        false => part.strip_prefix(prefix.as_str())?,
+                    let name = if prefix.is_empty() {
+                        part
+                    } else {
+                        part.strip_prefix(prefix.as_str())?
                     };
-                    let name = match suffix.is_empty() {
-                        true => name,
-                        false => name.strip_suffix(suffix.as_str())?,
+                    let name = if suffix.is_empty() {
+                        name
+                    } else {
+                        name.strip_suffix(suffix.as_str())?
                     };
                     match var {
                         Var::Database => database = Some(name),

@@ -190,7 +190,7 @@ impl EncodedRecords {
                     Ok(record) => records.push(record),
                     Err(e) => {
                         error!(
-                            "sink {}: a disk-buffer frame with a valid checksum is not a record ({e}); its {} bytes are skipped",
+                            "sink {}: a buffered line (a disk-buffer frame with a valid checksum, or a queued record) is not a record ({e}); its {} bytes are skipped",
                             self.sink,
                             line.len()
                         );

@@ -46,7 +46,7 @@ pub(super) struct ReadState {
     pub consumed: u64,
     /// When the oldest record taken but not yet acknowledged was appended.
     pub oldest_ms: Option<u64>,
-    /// Up to where the page cache of delivered frames has been let go (see [`drop_delivered`]).
+    /// Up to where the page cache of delivered frames has been let go (see `drop_delivered`).
     pub uncached_to: Position,
     /// The length of a segment the writer has left, `(segment, bytes)`, as last seen: asked
     /// of the file system again only once reading reaches it, not once per frame.
@@ -265,14 +265,16 @@ impl DiskLog {
     /// The batch taken since the last call (`n` records) is delivered: move the checkpoint past
     /// it and delete the segments left behind.
     pub fn ack(&self, n: usize) {
-        let (at, consumed) = {
+        let (at, consumed, uncached) = {
             let mut read = lock(&self.read);
             read.oldest_ms = None;
             read.sealed = false;
-            read.batch_start = read.at;
-            (read.at, std::mem::take(&mut read.consumed))
+            let at = read.at;
+            read.batch_start = at;
+            let uncached = std::mem::replace(&mut read.uncached_to, at);
+            (at, std::mem::take(&mut read.consumed), uncached)
         };
-        self.drop_delivered(at);
+        self.drop_delivered(uncached, at);
         self.sub_records(n as u64);
         if self.spool_bytes.fetch_sub(consumed, Ordering::Relaxed) == consumed {
             // Nothing waits: forget what the estimate of records from a previous run got wrong.
@@ -303,13 +305,12 @@ impl DiskLog {
         }
     }
 
-    /// Lets the kernel go of the page cache holding frames delivered since the last call, a
-    /// batch at a time. Without this, a segment's cache (up to 64 MiB) is freed in one piece
+    /// Lets the kernel go of the page cache holding the frames delivered from `from` to `to`, a
+    /// batch at a time (called by `ack`). Without this, a segment's cache (up to 64 MiB) is freed in one piece
     /// when its file is deleted and closed, a burst of several ms that holds the core while
     /// answers wait. Pages still dirty or under writeback are left for that final close. A hint
     /// only: nothing is read again from a delivered frame, and a failure changes nothing.
-    fn drop_delivered(&self, to: Position) {
-        let from = std::mem::replace(&mut lock(&self.read).uncached_to, to);
+    fn drop_delivered(&self, from: Position, to: Position) {
         if from.segment < to.segment {
             // The rest of the segment left behind (a length of 0 is "to the end").
             uncache(&segment_path(&self.dir, from.segment), from.offset, 0);
