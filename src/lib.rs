@@ -94,6 +94,7 @@
 // tests; they are hidden from the documentation and carry no stability promise. The API is what
 // the crate root re-exports.
 mod app;
+mod clock;
 #[doc(hidden)]
 pub mod config;
 #[doc(hidden)]

@@ -224,7 +224,7 @@ fuzz_target!(|data: &[u8]| {
                 "{}",
                 outcome.reply.status
             );
-            for (name, value) in &outcome.reply.headers {
+            for (name, value) in outcome.reply.headers.iter() {
                 assert!(
                     HeaderValue::from_str(value).is_ok(),
                     "answer header {name}: {value:?}"

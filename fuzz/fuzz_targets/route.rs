@@ -112,12 +112,13 @@ fuzz_target!(|data: &[u8]| {
                 RouteMatch::Postback {
                     database, table: t, ..
                 } => {
-                    assert!(valid_name(&database) && valid_name(&t));
-                    assert_eq!((&database, &t), (&db, &table), "{path:?}");
+                    let (database, t) = (database.in_path(path), t.in_path(path));
+                    assert!(valid_name(database) && valid_name(t));
+                    assert_eq!((database, t), (db.as_str(), table.as_str()), "{path:?}");
                     let rebuilt = route
                         .template
-                        .replace("{database}", &database)
-                        .replace("{table}", &t);
+                        .replace("{database}", database)
+                        .replace("{table}", t);
                     assert_eq!(rebuilt, path);
                 }
                 RouteMatch::BadName { .. } => {

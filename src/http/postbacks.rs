@@ -225,7 +225,9 @@ impl Postbacks {
         route: &Route,
         found: &RouteMatch<'_>,
     ) -> Result<Reply, Refusal> {
-        let (database, table) = found.names()?;
+        // Copied: the path is the session's, which the body's read below borrows.
+        let (database, table) = found.names(session.req_header().uri.path())?;
+        let (database, table) = (database.to_owned(), table.to_owned());
         let now = crate::postback::now_secs();
         let (peer, tls) = (peer_ip(session), is_tls(session));
         if let Some(preflight) = self.postback.check_head(&postback_request(
@@ -243,7 +245,7 @@ impl Postbacks {
             Vec::new()
         };
         let request = postback_request(session.req_header(), &body, peer, tls, now);
-        self.deliver(route, database, table, &request).await
+        self.deliver(route, &database, &table, &request).await
     }
 
     /// The rules that run after the body is read, the delivery of the records and the live
@@ -301,7 +303,8 @@ impl Postbacks {
         let head = session.req_header().method == Method::HEAD;
         let mut resp =
             ResponseHeader::build(reply.status, Some(reply.headers.len() + cors.len() + 1))?;
-        for (name, value) in reply.headers.into_iter().chain(cors) {
+        let reply_headers = reply.headers.iter().map(|(n, v)| (*n, &**v));
+        for (name, value) in reply_headers.chain(cors.iter().map(|(n, v)| (*n, v.as_str()))) {
             resp.append_header(name, value)?;
         }
         // A 204 has no body and, by RFC 9110, no Content-Length.

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{header, StatusCode};
 use log::warn;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -47,6 +48,11 @@ impl PostbackProxy {
 #[async_trait]
 impl ProxyHttp for PostbackProxy {
     type CTX = RequestCtx;
+
+    /// No downstream modules. Pingora's default adds response compression at level 0 (off),
+    /// whose context is still built and called for every proxied request; answers pass as the
+    /// upstream sent them.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {

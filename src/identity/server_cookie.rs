@@ -17,7 +17,7 @@ use crate::postback::cookie;
 use crate::postback::fields::Fields;
 use crate::postback::privacy::Assessment;
 use crate::postback::query::parse_pairs;
-use crate::postback::reply::{Reply, NO_CACHE};
+use crate::postback::reply::Reply;
 
 /// `identity.server_cookie` (enabled) and `identity.domains`, checked.
 #[derive(Debug)]
@@ -107,7 +107,7 @@ impl ServerCookie {
     /// The answer to a request for [`ServerCookie::path`].
     pub fn answer(&self, req: &IdRequest<'_>) -> (Reply, IdResult) {
         if *req.method != Method::GET && *req.method != Method::HEAD {
-            let reply = json(
+            let reply = Reply::json(
                 405,
                 Bytes::from_static(
                     br#"{"error":"method_not_allowed","message":"only GET and HEAD"}"#,
@@ -117,7 +117,10 @@ impl ServerCookie {
             return (reply, IdResult::Refused);
         }
         if req.assessment.opted_out.is_some() || !req.assessment.identifiers_allowed {
-            return (json(200, Bytes::from_static(b"{}")), IdResult::OptedOut);
+            return (
+                Reply::json(200, Bytes::from_static(b"{}")),
+                IdResult::OptedOut,
+            );
         }
         let existing =
             cookie::find_in(Fields::Map(req.headers), &self.cookie).filter(|v| plausible_id(v));
@@ -138,7 +141,7 @@ impl ServerCookie {
         if req.tls {
             line.push_str("; Secure");
         }
-        let reply = json(200, Bytes::from(body)).with_header("Set-Cookie", line);
+        let reply = Reply::json(200, Bytes::from(body)).with_header("Set-Cookie", line);
         (reply, result)
     }
 
@@ -161,17 +164,6 @@ impl ServerCookie {
     }
 }
 
-fn json(status: u16, body: Bytes) -> Reply {
-    Reply {
-        status,
-        headers: vec![
-            ("Cache-Control", NO_CACHE.to_owned()),
-            ("Content-Type", "application/json".to_owned()),
-        ],
-        body,
-    }
-}
-
 /// The host of a request target or `Host` header value, without the port, lower case.
 pub fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
@@ -187,6 +179,7 @@ pub fn strip_port(host: &str) -> &str {
 mod tests {
     use super::*;
     use crate::postback::privacy::PrivacyPolicy;
+    use crate::postback::reply::NO_CACHE;
 
     fn endpoint() -> ServerCookie {
         let cfg: ServerCookieConfig = serde_saphyr::from_str("{enabled: true}").unwrap();
@@ -231,7 +224,7 @@ mod tests {
         r.headers
             .iter()
             .find(|(n, _)| *n == "Set-Cookie")
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| &**v)
     }
 
     #[test]

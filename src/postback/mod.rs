@@ -252,13 +252,13 @@ impl Postback {
             .filter(|id| cookie::valid_global_id(id));
         let identifiers = assessment.identifiers_allowed && dropped.is_none();
         let global_id = match (identifiers, existing) {
-            (false, _) => String::new(),
-            (true, Some(id)) => id.to_owned(),
-            (true, None) => cookie::new_global_id(),
+            (false, _) => Cow::Borrowed(""),
+            (true, Some(id)) => Cow::Borrowed(id),
+            (true, None) => Cow::Owned(cookie::new_global_id()),
         };
 
         let identity = Identity {
-            global_id: &global_id,
+            global_id: global_id.clone(),
             anonymize: assessment.anonymize_ip,
             identifiers,
             strip: assessment.opted_out.is_some(),
@@ -286,9 +286,10 @@ impl Postback {
             },
         };
         if identifiers && existing.is_none() {
-            reply
-                .headers
-                .push(("Set-Cookie", self.cookie.set_cookie(&global_id, req.tls)));
+            reply.headers.to_mut().push((
+                "Set-Cookie",
+                self.cookie.set_cookie(&global_id, req.tls).into(),
+            ));
         }
         Ok(Outcome { records, reply })
     }
@@ -454,7 +455,7 @@ mod tests {
             .headers
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| &**v)
     }
 
     #[test]
@@ -684,6 +685,23 @@ mod tests {
         assert_eq!(o.records[0].body.time, NOW - 60);
         assert_eq!(o.records[1].body.time, NOW);
         assert_eq!(o.records[1].body.columns.len(), 1);
+        // Every event's placeholders are filled in (the address is worked out once, for all).
+        let h2 = [
+            h[0],
+            h[1],
+            ("x-forwarded-for", "203.0.113.7"),
+            ("cookie", "_td_global=gid-1"),
+        ];
+        let body =
+            br#"{"events":[{"td_ip":"td_ip","td_global_id":"td_global_id"},{"td_ip":"td_ip"}]}"#;
+        let o = request(&p, Method::POST, "", &h2, body).unwrap();
+        let ips: Vec<_> = o
+            .records
+            .iter()
+            .map(|r| r.body.columns["td_ip"].as_str())
+            .collect();
+        assert_eq!(ips, ["203.0.113.7", "203.0.113.7"]);
+        assert_eq!(o.records[0].body.columns["td_global_id"], "gid-1");
         let o = request(&p, Method::POST, "", &h, br#"{"events":[]}"#).unwrap();
         assert!(o.records.is_empty());
         for body in [&br#"{"events":[1]}"#[..], br#"{"e":[]}"#] {

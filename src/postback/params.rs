@@ -8,7 +8,7 @@ use http::{header, Method};
 use serde_json::Value;
 
 use super::fields::Fields;
-use super::query::{for_each_pair, max_pairs, Pair};
+use super::query::{for_each_pair, for_each_pair_in, max_pairs, Pair};
 use super::reply::{ErrorKind, Refusal};
 
 /// The special parameters and the columns gathered from a query, form or JSON object; what
@@ -80,12 +80,12 @@ impl<'a> Params<'a> {
     }
 
     /// The parameters of a query string.
-    fn from_query(query: &'a [u8]) -> Result<Params<'a>, Refusal> {
+    fn from_query(query: &'a str) -> Result<Params<'a>, Refusal> {
         let mut p = Params {
-            columns: Vec::with_capacity(max_pairs(query)),
+            columns: Vec::with_capacity(max_pairs(query.as_bytes())),
             ..Params::default()
         };
-        for_each_pair(query, |name, value| p.add(name, value)).map_err(|e| bad(e.0))?;
+        for_each_pair_in(query, |name, value| p.add(name, value)).map_err(|e| bad(e.0))?;
         Ok(p)
     }
 
@@ -117,7 +117,7 @@ pub fn parse<'a>(
     body: &'a [u8],
 ) -> Result<Parsed<'a>, Refusal> {
     let mut parsed = Parsed {
-        query: Params::from_query(query.unwrap_or("").as_bytes())?,
+        query: Params::from_query(query.unwrap_or(""))?,
         objects: None,
     };
     if *method != Method::POST {

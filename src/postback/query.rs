@@ -23,17 +23,33 @@ pub fn parse_pairs(input: &[u8]) -> Result<Vec<Pair<'_>>, QueryError> {
 
 /// The most pairs `input` can hold: one per `&`-separated piece (one vectorized pass).
 pub fn max_pairs(input: &[u8]) -> usize {
-    1 + input.iter().filter(|&&b| b == b'&').count()
+    1 + memchr::memchr_iter(b'&', input).count()
 }
 
 /// [`parse_pairs`], handing each pair to `f` in order rather than collecting them. Runs once per
 /// postback, on the query and on a form body; pairs before an error have been handed over.
 pub fn for_each_pair<'a>(
     input: &'a [u8],
-    mut f: impl FnMut(Cow<'a, str>, Cow<'a, str>),
+    f: impl FnMut(Cow<'a, str>, Cow<'a, str>),
 ) -> Result<(), QueryError> {
     // Checked once as a whole: a piece of valid UTF-8 cut at an ASCII `&` or `=` is valid too.
-    let text = std::str::from_utf8(input).ok();
+    pairs_of(input, std::str::from_utf8(input).ok(), f)
+}
+
+/// [`for_each_pair`] on text (a query string): no second UTF-8 check.
+pub fn for_each_pair_in<'a>(
+    input: &'a str,
+    f: impl FnMut(Cow<'a, str>, Cow<'a, str>),
+) -> Result<(), QueryError> {
+    pairs_of(input.as_bytes(), Some(input), f)
+}
+
+/// The pairs of `input`; `text` is `input` when it is UTF-8 as a whole.
+fn pairs_of<'a>(
+    input: &'a [u8],
+    text: Option<&'a str>,
+    mut f: impl FnMut(Cow<'a, str>, Cow<'a, str>),
+) -> Result<(), QueryError> {
     // One pass over the bytes finds the pieces, their first `=` and which halves need decoding.
     let mut piece = Piece::starting(0);
     for (i, &b) in input.iter().enumerate() {
@@ -229,6 +245,44 @@ mod tests {
         for raw in inputs {
             let got = decode(&raw, None, 0..raw.len(), true).map(Cow::into_owned);
             assert_eq!(got, reference(&raw), "{:?}", String::from_utf8_lossy(&raw));
+        }
+    }
+
+    /// Whole queries against the plainest reading of the rules: split on `&`, drop empty pieces,
+    /// split each on its first `=`, decode both halves.
+    #[test]
+    fn splits_like_the_plain_reading_does() {
+        let alphabet = b"&&==%+2Fa";
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..16);
+            let raw: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.usize(..alphabet.len())])
+                .collect();
+            // `None`: some half is not UTF-8 once decoded (`%Fa`), which is an error.
+            let want: Option<Vec<(String, String)>> = raw
+                .split(|&b| b == b'&')
+                .filter(|piece| !piece.is_empty())
+                .map(|piece| {
+                    let (name, value) = match piece.iter().position(|&b| b == b'=') {
+                        Some(eq) => (&piece[..eq], &piece[eq + 1..]),
+                        None => (piece, &piece[piece.len()..]),
+                    };
+                    let text = |half: &[u8]| {
+                        decode(half, None, 0..half.len(), true)
+                            .ok()
+                            .map(Cow::into_owned)
+                    };
+                    Some((text(name)?, text(value)?))
+                })
+                .collect();
+            let got = parse_pairs(&raw).ok().map(|pairs| {
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect::<Vec<_>>()
+            });
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&raw));
         }
     }
 

@@ -16,8 +16,9 @@ use crate::record::RecordRef;
 
 /// What a record's columns may carry for this visitor, from the privacy assessment.
 pub struct Identity<'a> {
-    /// The visitor's global id (empty when identifiers are not allowed).
-    pub global_id: &'a str,
+    /// The visitor's global id (empty when identifiers are not allowed): borrowed from the
+    /// request's cookie, or a new one.
+    pub global_id: Cow<'a, str>,
     /// The route's `anonymize_ip` override.
     pub anonymize: Option<bool>,
     /// Identifiers (`td_global_id`) may be recorded: consent given and not opted out.
@@ -32,9 +33,13 @@ pub struct RecordBuilder<'b, 'a> {
     req: &'b PostbackRequest<'a>,
     target: Target<'a>,
     client_ip: &'b ClientIpPolicy,
-    identity: Identity<'b>,
+    identity: Identity<'a>,
     max_columns: usize,
+    /// `td_ip`'s value, once worked out.
     ip: Option<String>,
+    /// More than one record may take `td_ip`: keep `ip` for the next (else it is moved into the
+    /// record).
+    keep_ip: bool,
 }
 
 impl<'b, 'a> RecordBuilder<'b, 'a> {
@@ -43,7 +48,7 @@ impl<'b, 'a> RecordBuilder<'b, 'a> {
         req: &'b PostbackRequest<'a>,
         target: Target<'a>,
         client_ip: &'b ClientIpPolicy,
-        identity: Identity<'b>,
+        identity: Identity<'a>,
         max_columns: usize,
     ) -> Self {
         RecordBuilder {
@@ -53,6 +58,7 @@ impl<'b, 'a> RecordBuilder<'b, 'a> {
             identity,
             max_columns,
             ip: None,
+            keep_ip: true,
         }
     }
 
@@ -89,6 +95,9 @@ impl<'b, 'a> RecordBuilder<'b, 'a> {
     ) -> Result<Vec<RecordRef<'a>>, Refusal> {
         let base_time = time_of(query.record_time.as_deref());
         let Some(objects) = objects else {
+            // One record: its `td_ip` column takes the address itself (should the query name
+            // `td_ip` twice, the second works it out again).
+            self.keep_ip = false;
             return Ok(vec![self.record(base_time, query.columns.into_iter())?]);
         };
         let mut records = Vec::with_capacity(objects.len());
@@ -112,13 +121,16 @@ impl<'b, 'a> RecordBuilder<'b, 'a> {
             _ => {}
         }
         Some(match name {
-            "td_ip" => Cow::Owned(
-                self.ip
-                    .get_or_insert_with(|| {
-                        client_ip(self.req, self.client_ip, self.identity.anonymize)
-                    })
-                    .clone(),
-            ),
+            "td_ip" => {
+                let ip = match self.ip.take() {
+                    Some(ip) => ip,
+                    None => client_ip(self.req, self.client_ip, self.identity.anonymize),
+                };
+                if self.keep_ip {
+                    self.ip = Some(ip.clone());
+                }
+                Cow::Owned(ip)
+            }
             "td_ua" => self
                 .req
                 .headers
@@ -130,7 +142,7 @@ impl<'b, 'a> RecordBuilder<'b, 'a> {
                     Err(_) => String::from_utf8_lossy(v),
                 })
                 .unwrap_or_default(),
-            "td_global_id" => Cow::Owned(self.identity.global_id.to_owned()),
+            "td_global_id" => self.identity.global_id.clone(),
             _ => value,
         })
     }

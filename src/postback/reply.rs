@@ -1,5 +1,7 @@
 //! The answers the proxy gives to postbacks, as plain data: status, headers and body bytes.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 /// The 43-byte transparent 1x1 GIF.
@@ -73,65 +75,76 @@ impl Refusal {
     }
 }
 
+/// A header field of a [`Reply`]; fixed values are borrowed.
+pub type ReplyHeader = (&'static str, Cow<'static, str>);
+
 /// An answer to write: status, headers and body. `Content-Length` is added when written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
+    /// The fixed fields of each kind of answer are a shared static list: a pixel's answer
+    /// allocates nothing. Adding one (`to_mut().push`) copies the list first.
+    pub headers: Cow<'static, [ReplyHeader]>,
     pub body: Bytes,
 }
 
+static NO_CACHE_ONLY: [ReplyHeader; 1] = [("Cache-Control", Cow::Borrowed(NO_CACHE))];
+static GIF: [ReplyHeader; 2] = [
+    ("Cache-Control", Cow::Borrowed(NO_CACHE)),
+    ("Content-Type", Cow::Borrowed("image/gif")),
+];
+static JSON: [ReplyHeader; 2] = [
+    ("Cache-Control", Cow::Borrowed(NO_CACHE)),
+    ("Content-Type", Cow::Borrowed("application/json")),
+];
+
 impl Reply {
-    fn new(status: u16, content_type: Option<&str>, body: Bytes) -> Reply {
-        // Room for a `Set-Cookie` too.
-        let mut headers = Vec::with_capacity(3);
-        headers.push(("Cache-Control", NO_CACHE.to_owned()));
-        if let Some(ct) = content_type {
-            headers.push(("Content-Type", ct.to_owned()));
-        }
+    fn new(status: u16, headers: &'static [ReplyHeader], body: Bytes) -> Reply {
         Reply {
             status,
-            headers,
+            headers: Cow::Borrowed(headers),
             body,
         }
     }
 
     /// 200 with the GIF.
     pub fn pixel() -> Reply {
-        Reply::new(200, Some("image/gif"), Bytes::from_static(PIXEL_GIF))
+        Reply::new(200, &GIF, Bytes::from_static(PIXEL_GIF))
+    }
+
+    /// `status` with a JSON `body`.
+    pub fn json(status: u16, body: Bytes) -> Reply {
+        Reply::new(status, &JSON, body)
     }
 
     /// 200 with `{}`.
     pub fn json_ok() -> Reply {
-        Reply::new(200, Some("application/json"), Bytes::from_static(b"{}"))
+        Reply::new(200, &JSON, Bytes::from_static(b"{}"))
     }
 
     /// 302 to `location`, with an empty body.
     pub fn redirect(location: String) -> Reply {
-        let mut r = Reply::new(302, None, Bytes::new());
-        r.headers.push(("Location", location));
+        let mut r = Reply::new(302, &NO_CACHE_ONLY, Bytes::new());
+        r.headers.to_mut().push(("Location", Cow::Owned(location)));
         r
     }
 
     /// 204 for a CORS preflight; the CORS headers are added by the caller.
     pub fn no_content() -> Reply {
-        Reply::new(204, None, Bytes::new())
+        Reply::new(204, &NO_CACHE_ONLY, Bytes::new())
     }
 
     /// The JSON error answer for `refusal`, with `Allow` on 405 and `Retry-After` on 503.
     pub fn refused(refusal: &Refusal) -> Reply {
         let body = serde_json::json!({"error": refusal.kind.code(), "message": refusal.message});
-        let mut r = Reply::new(
-            refusal.kind.status(),
-            Some("application/json"),
-            Bytes::from(body.to_string()),
-        );
+        let mut r = Reply::new(refusal.kind.status(), &JSON, Bytes::from(body.to_string()));
         match refusal.kind {
-            ErrorKind::MethodNotAllowed => {
-                r.headers.push(("Allow", "GET, HEAD, POST, OPTIONS".into()))
-            }
+            ErrorKind::MethodNotAllowed => r
+                .headers
+                .to_mut()
+                .push(("Allow", Cow::Borrowed("GET, HEAD, POST, OPTIONS"))),
             ErrorKind::Unavailable | ErrorKind::TooManyRequests => {
-                r.headers.push(("Retry-After", "1".into()))
+                r.headers.to_mut().push(("Retry-After", Cow::Borrowed("1")))
             }
             _ => {}
         }
@@ -140,7 +153,7 @@ impl Reply {
 
     /// Adds a header.
     pub fn with_header(mut self, name: &'static str, value: String) -> Reply {
-        self.headers.push((name, value));
+        self.headers.to_mut().push((name, Cow::Owned(value)));
         self
     }
 }

@@ -125,20 +125,46 @@ pub enum RouteMatch<'r> {
     /// The path has the shape of a route and valid names.
     Postback {
         route: &'r Route,
-        database: String,
-        table: String,
+        database: Name<'r>,
+        table: Name<'r>,
     },
     /// The path has the shape of a route but a name that is not allowed: answer 400.
     BadName { route: &'r Route, message: String },
 }
 
+/// A database or table name of a match: the route's fixed name, or where the path holds it (no
+/// copy of the path is made per request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Name<'r> {
+    Fixed(&'r str),
+    /// Bytes `start..end` of the matched path.
+    InPath {
+        start: usize,
+        end: usize,
+    },
+}
+
+impl<'r> Name<'r> {
+    /// The name, given the path that was matched.
+    pub fn in_path<'p>(self, path: &'p str) -> &'p str
+    where
+        'r: 'p,
+    {
+        match self {
+            Name::Fixed(name) => name,
+            Name::InPath { start, end } => path.get(start..end).unwrap_or_default(),
+        }
+    }
+}
+
 impl RouteMatch<'_> {
-    /// The database and table of a match; a name that is not allowed is a 400.
-    pub fn names(&self) -> Result<(&str, &str), super::reply::Refusal> {
+    /// The database and table of a match on `path` (the path given to [`Router::find`]); a name
+    /// that is not allowed is a 400.
+    pub fn names<'p>(&'p self, path: &'p str) -> Result<(&'p str, &'p str), super::reply::Refusal> {
         match self {
             RouteMatch::Postback {
                 database, table, ..
-            } => Ok((database.as_str(), table.as_str())),
+            } => Ok((database.in_path(path), table.in_path(path))),
             RouteMatch::BadName { message, .. } => Err(super::reply::Refusal::new(
                 super::reply::ErrorKind::BadRequest,
                 message.clone(),
@@ -241,15 +267,21 @@ impl Route {
 
     /// Matches `path` (without the query): `None` when the shape differs.
     fn matches(&self, path: &str) -> Option<RouteMatch<'_>> {
-        let rest = path.strip_prefix('/')?;
-        let mut database = self.database.as_deref();
-        let mut table = self.table.as_deref();
-        let mut parts = rest.split('/');
+        let rest = path.strip_prefix('/')?.as_bytes();
+        let mut database = self.database.as_deref().map(Name::Fixed);
+        let mut table = self.table.as_deref().map(Name::Fixed);
+        // Split as bytes (a plain loop over a short path; `str::split` costs more in its
+        // searcher's setup than in the search).
+        let mut parts = rest.split(|&b| b == b'/');
+        // Where the next part starts in `path`.
+        let mut at = 1;
         for segment in &self.segments {
             let part = parts.next()?;
+            let start = at;
+            at += part.len() + 1;
             match segment {
                 Segment::Literal(lit) => {
-                    if part != lit {
+                    if part != lit.as_bytes() {
                         return None;
                     }
                 }
@@ -263,15 +295,15 @@ impl Route {
                     }
                     // A whole-segment placeholder has neither: no comparison to make (each
                     // one is a `memcmp` call, which showed in the fast path's profile).
-                    let name = if prefix.is_empty() {
-                        part
-                    } else {
-                        part.strip_prefix(prefix.as_str())?
-                    };
-                    let name = if suffix.is_empty() {
-                        name
-                    } else {
-                        name.strip_suffix(suffix.as_str())?
+                    if !prefix.is_empty() && !part.starts_with(prefix.as_bytes()) {
+                        return None;
+                    }
+                    if !suffix.is_empty() && !part.ends_with(suffix.as_bytes()) {
+                        return None;
+                    }
+                    let name = Name::InPath {
+                        start: start + prefix.len(),
+                        end: start + part.len() - suffix.len(),
                     };
                     match var {
                         Var::Database => database = Some(name),
@@ -284,9 +316,10 @@ impl Route {
             return None;
         }
         // Both are set: compile() guarantees a placeholder or a fixed name for each.
-        let (database, table) = (database.unwrap_or_default(), table.unwrap_or_default());
+        let database = database.unwrap_or(Name::Fixed(""));
+        let table = table.unwrap_or(Name::Fixed(""));
         for (what, name) in [("database", database), ("table", table)] {
-            if !valid_name(name) {
+            if !valid_name(name.in_path(path)) {
                 return Some(RouteMatch::BadName {
                     route: self,
                     message: format!(
@@ -297,8 +330,8 @@ impl Route {
         }
         Some(RouteMatch::Postback {
             route: self,
-            database: database.to_owned(),
-            table: table.to_owned(),
+            database,
+            table,
         })
     }
 }
@@ -384,7 +417,11 @@ mod tests {
                 route,
                 database,
                 table,
-            } => Some((route.template.clone(), database, table)),
+            } => Some((
+                route.template.clone(),
+                database.in_path(path).to_owned(),
+                table.in_path(path).to_owned(),
+            )),
             RouteMatch::BadName { message, .. } => Some(("400".into(), message, String::new())),
         }
     }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use log::{error, info, warn};
 use prometheus::{IntCounter, IntGauge};
@@ -165,10 +165,11 @@ impl DiskLog {
             segment_bytes,
             fsync,
             write: Mutex::new(WriteState {
-                pending: Group::new(),
+                pending: Group::new(Vec::new()),
                 led: false,
                 closed: false,
                 end,
+                spare: Vec::new(),
             }),
             live: Mutex::new(LiveSegment {
                 file: Some(live_file),
@@ -270,10 +271,10 @@ pub(super) fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.log"))
 }
 
+/// UNIX milliseconds now, for a frame's `appended_ms` and the age of the oldest record (a few
+/// milliseconds' resolution, read once per append).
 pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::clock::coarse_unix_millis()
 }
 
 pub(super) fn since_ms(ms: u64) -> Duration {

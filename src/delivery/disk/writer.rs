@@ -8,6 +8,7 @@
 //! [`DeliveryError::Failed`], the failure is counted and logged at most once per
 //! [`LOG_INTERVAL`], and the next group tries again.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::atomic::Ordering;
@@ -34,6 +35,8 @@ pub const WRITEBACK_STEP: Duration = Duration::from_millis(10);
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 type Done = watch::Sender<Option<Result<(), Arc<str>>>>;
+/// A request's wait for its group's write.
+type Waiting = watch::Receiver<Option<Result<(), Arc<str>>>>;
 
 /// Frames waiting to be written, and everyone waiting for them.
 pub(super) struct Group {
@@ -42,12 +45,25 @@ pub(super) struct Group {
 }
 
 impl Group {
-    pub fn new() -> Group {
+    /// A new group whose frames go into `bytes` (empty; a previous group's, see
+    /// [`WriteState::spare`]).
+    pub fn new(bytes: Vec<u8>) -> Group {
+        debug_assert!(bytes.is_empty());
         Group {
-            bytes: Vec::new(),
+            bytes,
             done: watch::channel(None).0,
         }
     }
+}
+
+/// The largest buffer kept for the next group: a batch of big JSON bodies may make one group
+/// large, and its memory should not stay taken.
+const MAX_SPARE: usize = 1 << 20;
+
+thread_local! {
+    /// The frames of one append, encoded before the group's lock is taken (one buffer per
+    /// thread, reused: no allocation per request).
+    static FRAMES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 pub(super) struct WriteState {
@@ -58,6 +74,9 @@ pub(super) struct WriteState {
     pub closed: bool,
     /// The end of what is written: the reader reads up to here.
     pub end: Position,
+    /// The last written group's buffer, emptied: the next group's, so that a group does not
+    /// grow a new one from nothing.
+    pub spare: Vec<u8>,
 }
 
 /// The live segment; its mutex orders the writes.
@@ -88,27 +107,16 @@ impl DiskLog {
     pub async fn push(&self, records: &[RecordRef<'_>]) -> Result<(), DeliveryError> {
         let n = records.len() as u64;
         let appended = now_ms();
-        let mut frames = Vec::with_capacity(records.iter().map(|r| r.approx_len() + HEADER).sum());
-        for record in records {
-            if encode_frame(record, appended, &mut frames) > MAX_FRAME_PAYLOAD {
-                return Err(DeliveryError::TooLarge);
+        let joined = FRAMES.with_borrow_mut(|frames| {
+            frames.clear();
+            frames.reserve(records.iter().map(|r| r.approx_len() + HEADER).sum());
+            let joined = self.join_group(records, appended, frames);
+            if frames.capacity() > MAX_SPARE {
+                *frames = Vec::new();
             }
-        }
-        let size = frames.len() as u64;
-        self.last_push.store(size, Ordering::Relaxed);
-        let (mut done, lead) = {
-            let mut state = lock(&self.write);
-            if state.closed {
-                return Err(DeliveryError::Closed);
-            }
-            if self.spool_bytes.load(Ordering::Relaxed) + size > self.max_bytes {
-                return Err(DeliveryError::Full);
-            }
-            self.spool_bytes.fetch_add(size, Ordering::Relaxed);
-            state.pending.bytes.extend_from_slice(&frames);
-            let lead = !std::mem::replace(&mut state.led, true);
-            (state.pending.done.subscribe(), lead)
-        };
+            joined
+        });
+        let (mut done, lead) = joined?;
         if lead {
             // Should this request be cancelled before it wrote its group, the guard writes it.
             let guard = LeadGuard(self);
@@ -159,6 +167,34 @@ impl DiskLog {
         ok
     }
 
+    /// Encodes `records` into `frames` and adds them to the pending group. Returns a receiver
+    /// for the group's result, and whether this request leads the group.
+    fn join_group(
+        &self,
+        records: &[RecordRef<'_>],
+        appended: u64,
+        frames: &mut Vec<u8>,
+    ) -> Result<(Waiting, bool), DeliveryError> {
+        for record in records {
+            if encode_frame(record, appended, frames) > MAX_FRAME_PAYLOAD {
+                return Err(DeliveryError::TooLarge);
+            }
+        }
+        let size = frames.len() as u64;
+        self.last_push.store(size, Ordering::Relaxed);
+        let mut state = lock(&self.write);
+        if state.closed {
+            return Err(DeliveryError::Closed);
+        }
+        if self.spool_bytes.load(Ordering::Relaxed) + size > self.max_bytes {
+            return Err(DeliveryError::Full);
+        }
+        self.spool_bytes.fetch_add(size, Ordering::Relaxed);
+        state.pending.bytes.extend_from_slice(frames);
+        let lead = !std::mem::replace(&mut state.led, true);
+        Ok((state.pending.done.subscribe(), lead))
+    }
+
     /// Writes the pending group (the leader's job), fsyncs it with `fsync: always`, and wakes
     /// everyone waiting for it.
     async fn commit(&self) {
@@ -183,21 +219,29 @@ impl DiskLog {
     #[allow(clippy::type_complexity)]
     pub(super) fn write_pending(&self) -> (Option<Group>, Result<(), Arc<str>>, Option<File>) {
         let mut live = lock(&self.live);
-        let group = {
+        let mut group = {
             let mut state = lock(&self.write);
             state.led = false;
-            std::mem::replace(&mut state.pending, Group::new())
+            let bytes = std::mem::take(&mut state.spare);
+            std::mem::replace(&mut state.pending, Group::new(bytes))
         };
         if group.bytes.is_empty() {
             return (Some(group), Ok(()), None);
         }
         let result = self.append(&mut live, &group.bytes);
+        let size = group.bytes.len() as u64;
+        let mut spent = std::mem::take(&mut group.bytes);
+        spent.clear();
+        let mut state = lock(&self.write);
+        if spent.capacity() <= MAX_SPARE {
+            state.spare = spent;
+        }
         if result.is_err() {
-            self.spool_bytes
-                .fetch_sub(group.bytes.len() as u64, Ordering::Relaxed);
+            self.spool_bytes.fetch_sub(size, Ordering::Relaxed);
             return (Some(group), result, None);
         }
-        lock(&self.write).end = live.end;
+        state.end = live.end;
+        drop(state);
         self.arrived.notify_one();
         let sync = match self.fsync {
             FsyncPolicy::Always => live.file.as_ref().and_then(|f| f.try_clone().ok()),

@@ -4,14 +4,35 @@
 //! `PostbackProxy::write_reply` builds it, with the `Date` and `Connection` fields Pingora's
 //! HTTP/1 session adds (`prepare_response_header`). The two answers nearly every postback gets,
 //! the pixel and `{}`, are serialized once at start-up around a placeholder date; per request
-//! only the cached `Date` (Pingora's per-thread cache, the same text) goes between the halves.
+//! only the `Date` goes between the halves: the same IMF-fixdate text as Pingora's, formatted
+//! once a second per thread from the coarse clock (`clock.rs`).
+
+use std::cell::RefCell;
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::date::get_cached_date;
 
+use crate::clock::coarse_unix_millis;
 use crate::postback::reply::Reply;
+
+thread_local! {
+    /// This thread's `Date` text and the UNIX second it is for.
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Calls `f` with the `Date` field's value for now (`Tue, 01 Dec 2026 10:00:00 GMT`).
+fn with_date<R>(f: impl FnOnce(&str) -> R) -> R {
+    let secs = coarse_unix_millis() / 1000;
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs));
+        }
+        f(text)
+    })
+}
 
 /// A date of the same length as every real one, to split pre-built answers around.
 const PLACEHOLDER_DATE: &str = "Thu, 01 Jan 1970 00:00:00 GMT";
@@ -27,8 +48,9 @@ pub fn serialize(
     out: &mut Vec<u8>,
 ) -> pingora::Result<()> {
     let mut resp = ResponseHeader::build(reply.status, Some(reply.headers.len() + cors.len() + 1))?;
-    for (name, value) in reply.headers.iter().chain(cors) {
-        resp.append_header(*name, value.as_str())?;
+    let reply_headers = reply.headers.iter().map(|(n, v)| (*n, &**v));
+    for (name, value) in reply_headers.chain(cors.iter().map(|(n, v)| (*n, v.as_str()))) {
+        resp.append_header(name, value)?;
     }
     if reply.status != 204 {
         resp.insert_header(header::CONTENT_LENGTH, reply.body.len().to_string())?;
@@ -129,15 +151,15 @@ impl Answers {
         head: bool,
         out: &mut Vec<u8>,
     ) -> pingora::Result<()> {
-        let date = get_cached_date();
-        if cors.is_empty() {
-            if let Some(p) = self.prebuilt.iter().find(|p| p.reply == *reply) {
-                p.write(keepalive, head, date.as_bytes(), out);
-                return Ok(());
+        with_date(|date| {
+            if cors.is_empty() {
+                if let Some(p) = self.prebuilt.iter().find(|p| p.reply == *reply) {
+                    p.write(keepalive, head, date.as_bytes(), out);
+                    return Ok(());
+                }
             }
-        }
-        let date = date.to_str().unwrap_or(PLACEHOLDER_DATE);
-        serialize(reply, cors, keepalive, head, date, out)
+            serialize(reply, cors, keepalive, head, date, out)
+        })
     }
 }
 
@@ -151,20 +173,20 @@ mod tests {
         for reply in [Reply::pixel(), Reply::json_ok()] {
             for keepalive in [true, false] {
                 for head in [true, false] {
-                    let (mut fast, mut slow) = (Vec::new(), Vec::new());
-                    answers
-                        .write(&reply, &[], keepalive, head, &mut fast)
-                        .unwrap();
-                    let date = get_cached_date();
-                    serialize(
-                        &reply,
-                        &[],
-                        keepalive,
-                        head,
-                        date.to_str().unwrap(),
-                        &mut slow,
-                    )
-                    .unwrap();
+                    // Both in the same second: a second that ended between the two answers
+                    // is tried again.
+                    let (fast, slow) = loop {
+                        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+                        let second = coarse_unix_millis() / 1000;
+                        answers
+                            .write(&reply, &[], keepalive, head, &mut fast)
+                            .unwrap();
+                        with_date(|date| serialize(&reply, &[], keepalive, head, date, &mut slow))
+                            .unwrap();
+                        if coarse_unix_millis() / 1000 == second {
+                            break (fast, slow);
+                        }
+                    };
                     assert_eq!(
                         String::from_utf8_lossy(&fast),
                         String::from_utf8_lossy(&slow)
@@ -172,6 +194,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_date_is_pingoras_text_for_this_second() {
+        let ours = with_date(str::to_owned);
+        let pingora = pingora::protocols::http::date::get_cached_date();
+        let pingora = pingora.to_str().unwrap();
+        // The coarse clock may be a tick behind: at most the previous second's text.
+        let earlier =
+            httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(1));
+        assert!(ours == pingora || ours == earlier, "{ours} / {pingora}");
+        assert_eq!(ours.len(), PLACEHOLDER_DATE.len());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! "bytes overread on request, disallowing reuse").
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,9 +33,9 @@ use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Shutdown, Stream};
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use pingora_timeout::timeout;
 use prometheus::IntCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant as TokioInstant, Sleep};
 
 use super::reader::{self, FastMethod, Head, Parsed, MAX_HEADERS};
 use super::FastPath;
@@ -86,6 +87,7 @@ pub(super) async fn serve(
         buf: BytesMut::with_capacity(INITIAL_BUFFER),
         out: Vec::with_capacity(512),
         shutdown: shutdown.clone(),
+        timer: Box::pin(tokio::time::sleep(fast.keepalive)),
     };
     let mut first = true;
     loop {
@@ -180,6 +182,8 @@ struct Conn<'a> {
     /// The answer being written.
     out: Vec<u8>,
     shutdown: ShutdownWatch,
+    /// The connection's one timer for its reads (see [`Conn::read_more`]).
+    timer: Pin<Box<Sleep>>,
 }
 
 impl<'a> Conn<'a> {
@@ -240,10 +244,29 @@ impl<'a> Conn<'a> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(self.buf.capacity().max(INITIAL_BUFFER));
         }
-        match timeout(wait, stream.read_buf(&mut self.buf)).await {
-            Err(_) => Read::TimedOut,
-            Ok(Ok(0)) | Ok(Err(_)) => Read::Closed,
-            Ok(Ok(_)) => Read::Data,
+        // One timer per connection, moved only when it must be: earlier when this read's
+        // deadline is sooner than the timer, and later when it fires before the deadline. A
+        // keep-alive connection's next request does not register a timer of its own.
+        let deadline = TokioInstant::now() + wait;
+        if self.timer.is_elapsed() || self.timer.deadline() > deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut self.buf) => {
+                    return match read {
+                        Ok(0) | Err(_) => Read::Closed,
+                        Ok(_) => Read::Data,
+                    };
+                }
+                () = &mut self.timer => {
+                    if TokioInstant::now() >= deadline {
+                        return Read::TimedOut;
+                    }
+                    self.timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 
@@ -274,8 +297,9 @@ impl<'a> Conn<'a> {
         let route = match &found {
             RouteMatch::Postback { route, .. } | RouteMatch::BadName { route, .. } => *route,
         };
-        let query = head.query(&head_bytes);
-        let result = self.reply(&found, route, head, query, fields, body).await;
+        let result = self
+            .reply(&found, route, head, &head_bytes, fields, body)
+            .await;
         let (reply, outcome) = match result {
             Ok(reply) => (reply, "accepted"),
             Err(refusal) => {
@@ -321,17 +345,18 @@ impl<'a> Conn<'a> {
         found: &RouteMatch<'_>,
         route: &Route,
         head: &Head,
-        query: Option<&str>,
+        head_bytes: &[u8],
         headers: Fields<'_>,
         body: &[u8],
     ) -> Result<Reply, Refusal> {
         let fast = self.fast;
+        let (path, query) = (head.path(head_bytes), head.query(head_bytes));
         let method = match head.method {
             FastMethod::Get => Method::GET,
             FastMethod::Head => Method::HEAD,
             FastMethod::Post => Method::POST,
         };
-        let (database, table) = found.names()?;
+        let (database, table) = found.names(path)?;
         let now = crate::postback::now_secs();
         let request = PostbackRequest {
             method: &method,
