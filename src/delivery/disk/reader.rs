@@ -51,6 +51,9 @@ pub(super) struct ReadState {
     /// The length of a segment the writer has left, `(segment, bytes)`, as last seen: asked
     /// of the file system again only once reading reaches it, not once per frame.
     pub left_len: Option<(u64, u64)>,
+    /// The segment being read, `(segment, file)`: opened once, not once per chunk, and closed
+    /// when reading moves to the next segment (so that a delivered segment's space is freed).
+    pub file: Option<(u64, File)>,
 }
 
 impl ReadState {
@@ -68,6 +71,7 @@ impl ReadState {
             oldest_ms: None,
             uncached_to: start,
             left_len: None,
+            file: None,
         }
     }
 }
@@ -256,7 +260,15 @@ impl DiskLog {
             }
             let want = (seg_end - at).min(READ_CHUNK.max(need) as u64) as usize;
             read.chunk.resize(want, 0);
-            let file = File::open(segment_path(&self.dir, read.at.segment))?;
+            let segment = read.at.segment;
+            let file = match &mut read.file {
+                Some((open, file)) if *open == segment => file,
+                slot => {
+                    &mut slot
+                        .insert((segment, File::open(segment_path(&self.dir, segment))?))
+                        .1
+                }
+            };
             file.read_exact_at(&mut read.chunk, at)?;
             read.chunk_start = at;
         }
@@ -272,9 +284,17 @@ impl DiskLog {
             let at = read.at;
             read.batch_start = at;
             let uncached = std::mem::replace(&mut read.uncached_to, at);
+            // The common case, a batch within the segment being read: its file is open.
+            match read.file.as_ref().filter(|(s, _)| *s == at.segment) {
+                Some((_, file)) if uncached.segment == at.segment => {
+                    if uncached.offset < at.offset {
+                        uncache(file, uncached.offset, at.offset - uncached.offset);
+                    }
+                }
+                _ => self.drop_delivered(uncached, at),
+            }
             (at, std::mem::take(&mut read.consumed), uncached)
         };
-        self.drop_delivered(uncached, at);
         self.sub_records(n as u64);
         if self.spool_bytes.fetch_sub(consumed, Ordering::Relaxed) == consumed {
             // Nothing waits: forget what the estimate of records from a previous run got wrong.
@@ -288,6 +308,11 @@ impl DiskLog {
         // be sent again; none is lost), and deleting them is what frees the space.
         if let Err(e) = write_checkpoint(&self.dir, at) {
             warn!("sink {}: cannot write the checkpoint (records may be sent again after a restart): {e}", self.sink);
+        }
+        // Segments are left behind only when the batch crossed into a later one. (One that could
+        // not be deleted is tried again at the next crossing, and at the next start.)
+        if uncached.segment == at.segment {
+            return;
         }
         let live = lock(&self.write).end.segment;
         let Ok(segments) = segments(&self.dir) else {
@@ -311,16 +336,17 @@ impl DiskLog {
     /// answers wait. Pages still dirty or under writeback are left for that final close. A hint
     /// only: nothing is read again from a delivered frame, and a failure changes nothing.
     fn drop_delivered(&self, from: Position, to: Position) {
+        let uncache_path = |segment, offset, len| {
+            if let Ok(file) = File::open(segment_path(&self.dir, segment)) {
+                uncache(&file, offset, len);
+            }
+        };
         if from.segment < to.segment {
             // The rest of the segment left behind (a length of 0 is "to the end").
-            uncache(&segment_path(&self.dir, from.segment), from.offset, 0);
-            uncache(&segment_path(&self.dir, to.segment), 0, to.offset);
+            uncache_path(from.segment, from.offset, 0);
+            uncache_path(to.segment, 0, to.offset);
         } else if from.segment == to.segment && from.offset < to.offset {
-            uncache(
-                &segment_path(&self.dir, to.segment),
-                from.offset,
-                to.offset - from.offset,
-            );
+            uncache_path(to.segment, from.offset, to.offset - from.offset);
         }
     }
 
@@ -383,13 +409,14 @@ fn next_segment(read: &mut ReadState, skipped: u64) {
     };
     read.chunk.clear();
     read.chunk_start = 0;
+    read.file = None;
 }
 
-/// `posix_fadvise(POSIX_FADV_DONTNEED)` on `len` bytes of `path` from `offset` (0: to the end).
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` on `len` bytes of `file` from `offset` (0: to the end).
 /// The kernel drops the whole clean pages in the range.
-fn uncache(path: &std::path::Path, offset: u64, len: u64) {
+fn uncache(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
-    if let Ok(file) = File::open(path) {
+    {
         use std::os::fd::AsRawFd;
         let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;
@@ -400,5 +427,5 @@ fn uncache(path: &std::path::Path, offset: u64, len: u64) {
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (path, offset, len);
+    let _ = (file, offset, len);
 }

@@ -162,6 +162,24 @@ async fn segments_rotate_and_delivered_ones_are_deleted() {
     assert_eq!(take_all(&log), (0..20).collect::<Vec<_>>());
     log.ack(0);
     assert!(count() <= 2, "delivered segments deleted");
+    // Their space is freed: once the fsync thread has synced the segments rotated away from
+    // (every 50 ms here), no deleted one is held open, by the writer or by the reader.
+    let held = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|target| target.to_string_lossy().into_owned())
+            .filter(|target| target.starts_with(&*dir.path().to_string_lossy()))
+            .filter(|target| target.ends_with("(deleted)"))
+            .collect()
+    };
+    for _ in 0..100 {
+        if held().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(held(), Vec::<String>::new(), "deleted segments still open");
     log.close();
 }
 
