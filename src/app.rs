@@ -166,7 +166,7 @@ impl App {
             group: s.group.clone(),
             ..ServerConf::default()
         };
-        conf.work_stealing = s.work_stealing;
+        conf.work_stealing = s.steals_work();
         let opt = Opt {
             upgrade,
             daemon: conf.daemon,

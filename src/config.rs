@@ -168,9 +168,10 @@ pub struct ServerSettings {
     /// Drop privileges to this group after binding (daemon mode).
     pub group: Option<String>,
     /// Let idle worker threads take tasks from busy ones (Pingora's `work_stealing`); `false`
-    /// gives each thread its own single-threaded runtime.
-    #[default(true)]
-    pub work_stealing: bool,
+    /// gives each thread its own single-threaded runtime, and new connections go to a thread at
+    /// random. Unset: on with more than one thread; with one there is nothing to steal from, and
+    /// the single-threaded runtime costs less per request.
+    pub work_stealing: Option<bool>,
     /// How long an idle keep-alive connection waits for its next request.
     #[default(60)]
     pub keepalive_timeout_seconds: u64,
@@ -188,6 +189,14 @@ pub struct ServerSettings {
     /// every other request to Pingora on the same connection; `false`: Pingora reads everything.
     #[default(true)]
     pub fast_path: bool,
+}
+
+impl ServerSettings {
+    /// Whether Pingora's runtime steals work between threads: `work_stealing` as set, else only
+    /// with more than one thread.
+    pub fn steals_work(&self) -> bool {
+        self.work_stealing.unwrap_or(self.threads > 1)
+    }
 }
 
 /// One entry of `listen:`.
@@ -238,6 +247,21 @@ mod tests {
     use super::*;
     use crate::postback::cookie::SecureSetting;
     use crate::units::ByteSize;
+
+    #[test]
+    fn work_stealing_is_on_with_more_than_one_thread_unless_set() {
+        let server = |yaml: &str| {
+            Config::parse(&format!(
+                "server: {yaml}\nupstream: {{ peers: ['127.0.0.1:3000'] }}"
+            ))
+            .unwrap()
+            .server
+        };
+        assert!(!server("{threads: 1}").steals_work());
+        assert!(server("{threads: 2}").steals_work());
+        assert!(server("{threads: 1, work_stealing: true}").steals_work());
+        assert!(!server("{threads: 4, work_stealing: false}").steals_work());
+    }
 
     #[test]
     fn minimal_file_gets_every_default() {
