@@ -284,15 +284,7 @@ impl DiskLog {
             let at = read.at;
             read.batch_start = at;
             let uncached = std::mem::replace(&mut read.uncached_to, at);
-            // The common case, a batch within the segment being read: its file is open.
-            match read.file.as_ref().filter(|(s, _)| *s == at.segment) {
-                Some((_, file)) if uncached.segment == at.segment => {
-                    if uncached.offset < at.offset {
-                        uncache(file, uncached.offset, at.offset - uncached.offset);
-                    }
-                }
-                _ => self.drop_delivered(uncached, at),
-            }
+            self.drop_delivered(read.file.as_ref(), uncached, at);
             (at, std::mem::take(&mut read.consumed), uncached)
         };
         self.sub_records(n as u64);
@@ -335,18 +327,23 @@ impl DiskLog {
     /// when its file is deleted and closed, a burst of several ms that holds the core while
     /// answers wait. Pages still dirty or under writeback are left for that final close. A hint
     /// only: nothing is read again from a delivered frame, and a failure changes nothing.
-    fn drop_delivered(&self, from: Position, to: Position) {
-        let uncache_path = |segment, offset, len| {
-            if let Ok(file) = File::open(segment_path(&self.dir, segment)) {
-                uncache(&file, offset, len);
+    /// `open` is the reader's open segment, used when it is the one (the common case: a batch
+    /// within the segment being read); any other is opened.
+    fn drop_delivered(&self, open: Option<&(u64, File)>, from: Position, to: Position) {
+        let uncache_in = |segment, offset, len| match open {
+            Some((open, file)) if *open == segment => uncache(file, offset, len),
+            _ => {
+                if let Ok(file) = File::open(segment_path(&self.dir, segment)) {
+                    uncache(&file, offset, len);
+                }
             }
         };
         if from.segment < to.segment {
             // The rest of the segment left behind (a length of 0 is "to the end").
-            uncache_path(from.segment, from.offset, 0);
-            uncache_path(to.segment, 0, to.offset);
+            uncache_in(from.segment, from.offset, 0);
+            uncache_in(to.segment, 0, to.offset);
         } else if from.segment == to.segment && from.offset < to.offset {
-            uncache_path(to.segment, from.offset, to.offset - from.offset);
+            uncache_in(to.segment, from.offset, to.offset - from.offset);
         }
     }
 
