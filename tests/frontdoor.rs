@@ -302,8 +302,8 @@ fn read_until(stream: &mut impl Read, buf: &mut Vec<u8>, needle: &[u8]) {
     }
 }
 
-/// On a busy machine this can fail with the client getting the `101` and then EOF: Pingora 0.9.1
-/// sometimes ends an upgraded tunnel at once (cloudflare/pingora#946; README, "Known issue").
+/// The origin answers the upgrade after a short wait, which keeps Pingora 0.9.1's race out of
+/// the test (cloudflare/pingora#946; `tests/common/origin.rs`, README "Known issue").
 #[test]
 fn websocket_upgrade_passes_over_the_tls_listener() {
     let certs = tempfile::tempdir().unwrap();
