@@ -122,4 +122,4 @@ pub use http::admin::AdminApp;
 pub use http::builder::{BuildError, PostbacksBuilder};
 pub use http::postbacks::{DeliveryService, Postbacks};
 pub use record::{Record, RecordBody};
-pub use sink::{Batch, LogSink, Rejection, SinkError};
+pub use sink::{Batch, LocalLog, LogSink, Rejection, SinkError};

@@ -174,6 +174,8 @@ pub fn register_sink(sink: &str) {
         RECORDS.with_label_values(&[sink, result]);
     }
     SPOOL_SKIPPED_BYTES.with_label_values(&[sink]);
+    QUEUE_RECORDS.with_label_values(&[sink]);
+    SPOOL_BYTES.with_label_values(&[sink]);
     SINK_ERRORS.with_label_values(&[sink]);
     BUFFER_WRITE_ERRORS.with_label_values(&[sink]);
 }

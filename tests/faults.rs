@@ -373,3 +373,125 @@ async fn after_sigterm_readyz_never_answers_200() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Sends pixels `from..to`, 16 at a time; returns the numbers answered 200 and those answered 503
+/// (any other status fails the test).
+async fn send_pixels(proxy: &Proxy, from: usize, to: usize) -> (Vec<usize>, Vec<usize>) {
+    let client = client();
+    let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+    for start in (from..to).step_by(16) {
+        let tasks: Vec<_> = (start..(start + 16).min(to))
+            .map(|i| {
+                let request = client.get(proxy.url(&pixel(i)));
+                tokio::spawn(async move { (i, send(request).await.status) })
+            })
+            .collect();
+        for t in tasks {
+            match t.await.unwrap() {
+                (i, 200) => accepted.push(i),
+                (i, 503) => refused.push(i),
+                (i, other) => panic!("pixel {i}: status {other}"),
+            }
+        }
+    }
+    (accepted, refused)
+}
+
+/// The distinct `n` of the records in the JSON lines file `path`, asserting whole lines.
+fn numbers_in(path: &Path) -> BTreeSet<usize> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(text.is_empty() || text.ends_with('\n'), "a torn line");
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
+        .collect();
+    numbers(&records)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_file_sink_is_its_own_buffer_every_200_is_in_it_when_the_answer_leaves() {
+    let origin = Origin::start();
+    let mut settings = Settings::new(origin.peer());
+    settings.buffer = "disk".into();
+    let mut proxy = Proxy::start_with(settings.clone());
+    let (accepted, refused) = send_pixels(&proxy, 0, 300).await;
+    assert_eq!((accepted.len(), refused.len()), (300, 0));
+    // Killed at once, no lane to wait for: every answered record is in the file already.
+    proxy.kill();
+    let dir = proxy.take_dir();
+    let events = dir.path().join("events.jsonl");
+    assert_eq!(numbers_in(&events), accepted.iter().copied().collect());
+    assert!(
+        !dir.path().join("buffer/main").exists(),
+        "nothing went through the disk buffer"
+    );
+    // The next start appends after them; nothing is delivered twice.
+    let proxy = Proxy::start_in(Some(dir), settings);
+    assert_eq!(get(&proxy.url(&pixel(300)), &[]).await.status, 200);
+    assert_eq!(proxy.records(301).len(), 301);
+    let status = sink_status(&proxy, "main").await;
+    assert_eq!(
+        (
+            &status["state"],
+            &status["delivered"],
+            &status["records_waiting"]
+        ),
+        (&Value::from("up"), &Value::from(1), &Value::from(0)),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_under_the_file_sink_answers_503_keeps_every_200_and_recovers() {
+    let Some(tmpfs) = Tmpfs::mount("256k") else {
+        return;
+    };
+    // Room that the test gives back later, as an operator would by moving old files away.
+    let filler = tmpfs.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 128 << 10]).unwrap();
+    let events = tmpfs.path().join("events.jsonl");
+    let origin = Origin::start();
+    let mut settings = Settings::new(origin.peer());
+    settings.buffer = "disk".into();
+    settings.sink_yaml = Some(format!(
+        "{{ type: file, path: {:?} }}",
+        events.display().to_string()
+    ));
+    let proxy = Proxy::start_with(settings);
+
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    let mut next = 0;
+    while refused.len() < 100 {
+        assert!(next < 20_000, "the disk never filled up");
+        let (a, r) = send_pixels(&proxy, next, next + 64).await;
+        accepted.extend(a);
+        refused.extend(r);
+        next += 64;
+    }
+    assert!(accepted.len() > 100, "{} accepted", accepted.len());
+    // Every 200 is in the file, and nothing of a 503.
+    assert_eq!(numbers_in(&events), accepted.iter().copied().collect());
+    assert_eq!(readyz(&proxy).await, 503, "not ready while appends fail");
+    let errors = metric(&proxy, "delivery_buffer_write_errors_total{sink=\"main\"}").await;
+    assert_eq!(errors, refused.len() as f64);
+    let status = sink_status(&proxy, "main").await;
+    assert_eq!(status["state"], "down", "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left on device")),
+        "{status}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while readyz(&proxy).await != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&proxy.url(&pixel(next)), &[]).await.status, 200);
+    assert!(numbers_in(&events).contains(&next));
+    assert_eq!(sink_status(&proxy, "main").await["state"], "up");
+    drop(proxy);
+}

@@ -4,7 +4,9 @@
 //! before it answers a postback: once it returns `Ok`, the records are in the buffer of every
 //! sink the route names, and each lane is responsible for its copy. A sink's buffer is
 //! [`disk::DiskLog`] (the default, which survives a crash) or [`memory::MemoryQueue`]; requests
-//! reach it through its [`Sender`], the lane through its [`Receiver`].
+//! reach it through its [`Sender`], the lane through its [`Receiver`]. A sink that is itself a
+//! file on this machine ([`crate::sink::LogSink::local_log`]: the `file` sink) is, with the disk
+//! buffer, its own buffer: requests append to it through [`direct::DirectLog`], and it has no lane.
 //!
 //! Each lane (`lane.rs`) runs on a thread and runtime of its own: it forms batches
 //! (`max_records`, `max_bytes`, `max_wait`), hands them to the sink with a stable id, retries a
@@ -21,6 +23,7 @@
 //! stays on disk for the next start.
 
 pub mod config;
+pub mod direct;
 pub mod disk;
 mod lane;
 pub mod memory;
@@ -39,14 +42,16 @@ use tokio::sync::watch;
 use crate::config::Problem;
 use crate::metrics;
 use crate::record::RecordRef;
-use crate::sink::LogSink;
+use crate::sink::{LocalLog, LogSink};
 use crate::sync::lock;
 
 pub use config::{BatchConfig, BufferKind, DeliveryConfig, FsyncPolicy, RetryConfig, WhenFull};
+use direct::DirectLog;
 use disk::DiskLog;
 pub use lane::BatchPolicy;
 use memory::MemoryQueue;
 pub use receiver::Receiver;
+use sender::Inbox;
 pub use sender::Sender;
 pub use status::SinkStatus;
 
@@ -143,11 +148,12 @@ impl Buffer {
     }
 }
 
-/// What [`Delivery`] keeps of each lane: the sender side, the state, and the buffer's figures.
+/// What [`Delivery`] keeps of each sink: the sender side, the state, and the buffer's figures
+/// (`None` for a sink that is its own buffer: nothing waits).
 struct LaneHandle {
     name: String,
     sender: Sender,
-    buffer: Buffer,
+    buffer: Option<Buffer>,
     state: Arc<status::SinkState>,
 }
 
@@ -183,18 +189,27 @@ impl Delivery {
         let mut pending = Vec::new();
         for (name, sink) in sinks {
             metrics::register_sink(&name);
-            let buffer = match cfg.buffer {
-                BufferKind::Memory => {
-                    Buffer::Memory(Arc::new(MemoryQueue::new(&name, cfg.queue_records)))
-                }
-                BufferKind::Disk => Buffer::Disk(Arc::new(DiskLog::open(
-                    &name,
-                    &cfg.dir,
-                    cfg.max_bytes.0,
-                    cfg.fsync,
-                )?)),
-            };
             let state = Arc::new(status::SinkState::new(&name));
+            if let Some(log) = direct_log(cfg, &name, sink.as_ref())? {
+                let direct = Arc::new(DirectLog::new(&name, log, cfg.fsync, state.clone()));
+                lanes.push(LaneHandle {
+                    name,
+                    sender: Sender(Inbox::Direct(direct)),
+                    buffer: None,
+                    state,
+                });
+                continue;
+            }
+            let (buffer, inbox) = match cfg.buffer {
+                BufferKind::Memory => {
+                    let queue = Arc::new(MemoryQueue::new(&name, cfg.queue_records));
+                    (Buffer::Memory(queue.clone()), Inbox::Memory(queue))
+                }
+                BufferKind::Disk => {
+                    let log = Arc::new(DiskLog::open(&name, &cfg.dir, cfg.max_bytes.0, cfg.fsync)?);
+                    (Buffer::Disk(log.clone()), Inbox::Disk(log))
+                }
+            };
             pending.push(lane::Lane {
                 name: name.clone(),
                 receiver: Receiver(buffer.clone()),
@@ -205,8 +220,8 @@ impl Delivery {
             });
             lanes.push(LaneHandle {
                 name,
-                sender: Sender(buffer.clone()),
-                buffer,
+                sender: Sender(inbox),
+                buffer: Some(buffer),
                 state,
             });
         }
@@ -287,9 +302,11 @@ impl Delivery {
             .iter()
             .map(|l| {
                 let mut s = l.state.status();
-                s.records_waiting = l.buffer.records_waiting();
-                s.bytes_waiting = l.buffer.bytes_waiting();
-                s.oldest_age_seconds = l.buffer.oldest_age().map_or(0.0, |d| d.as_secs_f64());
+                if let Some(buffer) = &l.buffer {
+                    s.records_waiting = buffer.records_waiting();
+                    s.bytes_waiting = buffer.bytes_waiting();
+                    s.oldest_age_seconds = buffer.oldest_age().map_or(0.0, |d| d.as_secs_f64());
+                }
                 s
             })
             .collect()
@@ -298,7 +315,11 @@ impl Delivery {
     /// Brings the gauges that are read rather than counted up to date; runs before each scrape.
     pub fn update_gauges(&self) {
         for lane in &self.lanes {
-            let age = lane.buffer.oldest_age().map_or(0.0, |d| d.as_secs_f64());
+            let age = lane
+                .buffer
+                .as_ref()
+                .and_then(Buffer::oldest_age)
+                .map_or(0.0, |d| d.as_secs_f64());
             metrics::OLDEST_AGE
                 .with_label_values(&[&lane.name])
                 .set(age);
@@ -312,8 +333,10 @@ impl Delivery {
             return Ok(());
         }
         for lane in &self.lanes {
-            if let Buffer::Disk(d) = &lane.buffer {
-                d.start_threads()?;
+            match &lane.sender.0 {
+                Inbox::Disk(d) => d.start_threads()?,
+                Inbox::Direct(d) => d.start_threads()?,
+                Inbox::Memory(_) => {}
             }
         }
         let pending = std::mem::take(&mut *lock(&self.pending));
@@ -343,6 +366,33 @@ impl Delivery {
         }
         info!("delivery finished");
     }
+}
+
+/// The file a sink's records can be appended to directly (see [`direct`]): with `buffer: disk`,
+/// for a sink that is its own buffer ([`LogSink::local_log`]), unless its buffer still holds
+/// records from an earlier run or another process; those go through the buffer this run, and the
+/// next start appends directly.
+fn direct_log(
+    cfg: &DeliveryConfig,
+    name: &str,
+    sink: &dyn LogSink,
+) -> std::io::Result<Option<Arc<dyn LocalLog>>> {
+    if cfg.buffer != BufferKind::Disk {
+        return Ok(None);
+    }
+    let Some(log) = sink.local_log() else {
+        return Ok(None);
+    };
+    if disk::holds_records(&cfg.dir, name)? {
+        info!(
+            "sink {name}: its disk buffer in {} still holds records (from an earlier run, or \
+             another process); they and this run's records go through it, and the next start \
+             appends to the sink's file directly",
+            cfg.dir.join(name).display()
+        );
+        return Ok(None);
+    }
+    Ok(Some(log))
 }
 
 #[cfg(test)]

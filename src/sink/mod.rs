@@ -18,6 +18,9 @@ mod td;
 #[cfg(test)]
 pub(crate) mod test_support;
 
+use std::path::Path;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde::Deserialize;
 
@@ -168,6 +171,35 @@ pub trait LogSink: Send + Sync {
     fn needs_stable_batch_ids(&self) -> bool {
         false
     }
+
+    /// The sink as an append-only file on this machine, or `None` (the default). With
+    /// `delivery.buffer: disk`, delivery then appends each group of accepted records to it
+    /// before answering, instead of to a buffer it would copy them from afterwards: the file is
+    /// its own buffer. Asked once, at start-up.
+    fn local_log(&self) -> Option<Arc<dyn LocalLog>> {
+        None
+    }
+}
+
+/// An append-only file of JSON lines on this machine (the `file` sink, see
+/// [`LogSink::local_log`]). Appends come from the requests' own tasks, one group at a time, in
+/// order; durability comes from [`LocalLog::sync`], which delivery calls per `delivery.fsync`.
+pub trait LocalLog: Send + Sync {
+    /// Appends `lines` (whole JSON lines, each ending in `\n`) with as few writes as the file's
+    /// rotation allows, rotating first when due; a line is never split across files. On
+    /// failure, nothing of `lines` stays in the file.
+    fn append(&self, lines: &[u8]) -> std::io::Result<()>;
+
+    /// Makes everything appended so far durable: the current file's data, and the files rotated
+    /// away since the last call. Blocks for the disk; called off the requests' threads.
+    fn sync(&self) -> std::io::Result<()>;
+
+    /// Starts the kernel's writeback of what was appended, without waiting for it (a hint; the
+    /// next [`LocalLog::sync`] then finds little left to write).
+    fn start_writeback(&self) {}
+
+    /// The directory the file is in: where delivery probes for free space after a failed append.
+    fn dir(&self) -> &Path;
 }
 
 /// What each kind of sink gives the registry: implemented by its configuration type.

@@ -267,6 +267,25 @@ impl DiskLog {
     }
 }
 
+/// Whether the buffer of sink `sink` under `dir` holds records its sink has yet to get:
+/// undelivered bytes from an earlier run, or a buffer another process has open (the old one,
+/// during an upgrade). Runs at start-up, to decide whether a sink that is its own buffer can be
+/// appended to directly; a buffer that was never used says `false`, and nothing is created.
+pub fn holds_records(dir: &Path, sink: &str) -> std::io::Result<bool> {
+    let dir = dir.join(sink);
+    let lock_file = match OpenOptions::new().write(true).open(dir.join("lock")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match lock_file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(true),
+        Err(TryLockError::Error(e)) => return Err(e),
+    }
+    Ok(checkpoint::recover(&dir)?.spool > 0)
+}
+
 pub(super) fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("{segment:020}.log"))
 }

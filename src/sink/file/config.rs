@@ -19,6 +19,11 @@ pub struct FileSinkConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub rotate: RotateConfig,
+    /// With `delivery.buffer: disk`, records are appended to the file itself before the answer
+    /// (the file is its own buffer). `true`: through the disk buffer instead, as for any other
+    /// sink, so that no request waits for this file (one on a slow or network filesystem).
+    #[serde(default)]
+    pub via_buffer: bool,
 }
 
 pub(crate) fn default_file_path() -> PathBuf {

@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -17,7 +17,7 @@ mod config;
 
 pub use config::{FileSinkConfig, RotateConfig};
 
-use super::{Batch, LogSink, Rejection, SinkError};
+use super::{Batch, LocalLog, LogSink, Rejection, SinkError};
 use crate::sync::lock;
 
 struct Current {
@@ -28,36 +28,63 @@ struct Current {
 
 /// An append-only JSON lines file.
 pub struct FileSink {
+    log: Arc<FileLog>,
+    /// `via_buffer: true`: not offered as a [`LocalLog`], so records go through the disk buffer.
+    via_buffer: bool,
+}
+
+/// The file itself: appends, rotation and fsync, for the sink's lane ([`LogSink::write_batch`])
+/// and for delivery's direct appends ([`LocalLog`]).
+struct FileLog {
     path: PathBuf,
+    /// The directory the file is in.
+    dir: PathBuf,
     max_bytes: u64,
     interval: Option<Duration>,
     current: Mutex<Current>,
+    /// Files rotated away and not yet fsynced: [`LocalLog::sync`] does it, so that a rotation
+    /// never waits for the disk while a request waits for its append.
+    retired: Mutex<Vec<File>>,
 }
 
 impl FileSink {
     /// Opens (creating the directory and file if needed) the file for appending.
     pub fn open(cfg: &FileSinkConfig) -> std::io::Result<FileSink> {
-        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
+        let dir = match cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                dir.to_path_buf()
+            }
+            None => PathBuf::from("."),
+        };
         let current = open_current(&cfg.path)?;
-        Ok(FileSink {
+        let log = FileLog {
             path: cfg.path.clone(),
+            dir,
             max_bytes: cfg.rotate.max_bytes.0,
             interval: cfg.rotate.interval.map(|i| i.0),
             current: Mutex::new(current),
+            retired: Mutex::new(Vec::new()),
+        };
+        Ok(FileSink {
+            log: Arc::new(log),
+            via_buffer: cfg.via_buffer,
         })
     }
+}
 
+impl FileLog {
+    /// Moves to a new file; the old one is fsynced by the next [`LocalLog::sync`].
     fn rotate(&self, current: &mut Current) -> std::io::Result<()> {
-        current.file.sync_data()?;
         std::fs::rename(&self.path, rotated_name(&self.path))?;
-        *current = open_current(&self.path)?;
+        let old = std::mem::replace(current, open_current(&self.path)?);
+        lock(&self.retired).push(old.file);
         Ok(())
     }
 
-    /// Appends `data`; on failure, cuts the file back so no partial line stays behind.
-    fn append(current: &mut Current, data: &[u8]) -> std::io::Result<()> {
+    /// Writes `data` with one `write(2)`; on failure, cuts the file back so no partial line
+    /// stays behind.
+    fn write(current: &mut Current, data: &[u8]) -> std::io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -69,26 +96,77 @@ impl FileSink {
         Ok(())
     }
 
-    fn write_lines(&self, batch: &Batch<'_>) -> std::io::Result<()> {
-        let mut current = lock(&self.current);
+    /// Appends whole `lines`, rotating by age first, and by size between two lines: as many
+    /// lines go into one write as fit the file's `max_bytes` (at least one into an empty file).
+    fn append_lines(&self, current: &mut Current, mut lines: &[u8]) -> std::io::Result<()> {
         if self
             .interval
             .is_some_and(|i| current.written > 0 && current.opened.elapsed() >= i)
         {
-            self.rotate(&mut current)?;
+            self.rotate(current)?;
         }
-        let mut pending = Vec::with_capacity(batch.len() * 256);
-        for line in batch.json_lines() {
-            let size = current.written + (pending.len() + line.len()) as u64;
-            if size > self.max_bytes && current.written + pending.len() as u64 > 0 {
-                Self::append(&mut current, &pending)?;
-                pending.clear();
-                self.rotate(&mut current)?;
+        while !lines.is_empty() {
+            let room = self.max_bytes.saturating_sub(current.written);
+            let take = if lines.len() as u64 <= room {
+                lines.len()
+            } else {
+                let fit = &lines[..room as usize];
+                match fit.iter().rposition(|&b| b == b'\n') {
+                    Some(end) => end + 1,
+                    None if current.written == 0 => lines
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(lines.len(), |end| end + 1),
+                    None => 0,
+                }
+            };
+            Self::write(current, &lines[..take])?;
+            lines = &lines[take..];
+            if !lines.is_empty() {
+                self.rotate(current)?;
             }
-            pending.extend_from_slice(&line);
         }
-        Self::append(&mut current, &pending)?;
-        current.file.sync_data()
+        Ok(())
+    }
+
+    fn write_batch(&self, batch: &Batch<'_>) -> std::io::Result<()> {
+        let mut lines = Vec::with_capacity(batch.len() * 256);
+        batch.write_json_lines(&mut lines);
+        self.append(&lines)?;
+        self.sync()
+    }
+}
+
+impl LocalLog for FileLog {
+    fn append(&self, lines: &[u8]) -> std::io::Result<()> {
+        let mut current = lock(&self.current);
+        self.append_lines(&mut current, lines)
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        let retired = std::mem::take(&mut *lock(&self.retired));
+        for file in &retired {
+            file.sync_data()?;
+        }
+        let file = lock(&self.current).file.try_clone()?;
+        file.sync_data()
+    }
+
+    fn start_writeback(&self) {
+        #[cfg(target_os = "linux")]
+        if let Ok(file) = lock(&self.current).file.try_clone() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: `file` is an open descriptor owned for the whole call; the range (0, 0)
+            // means the whole file, and the call only starts writeback of its dirty pages. A
+            // failure is harmless: the next sync writes what this did not, and reports.
+            unsafe {
+                libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -135,17 +213,24 @@ fn rotated_name(path: &Path) -> PathBuf {
 #[async_trait]
 impl LogSink for FileSink {
     async fn write_batch(&self, batch: &Batch<'_>) -> Result<Vec<Rejection>, SinkError> {
-        self.write_lines(batch)
-            .map_err(|e| SinkError::io(format!("cannot write {}", self.path.display()), e))?;
+        self.log
+            .write_batch(batch)
+            .map_err(|e| SinkError::io(format!("cannot write {}", self.log.path.display()), e))?;
         Ok(Vec::new())
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        let current = lock(&self.current);
-        current
-            .file
-            .sync_all()
-            .map_err(|e| SinkError::io(format!("cannot sync {}", self.path.display()), e))
+        self.log
+            .sync()
+            .map_err(|e| SinkError::io(format!("cannot sync {}", self.log.path.display()), e))
+    }
+
+    fn local_log(&self) -> Option<Arc<dyn LocalLog>> {
+        if self.via_buffer {
+            None
+        } else {
+            Some(self.log.clone())
+        }
     }
 }
 
@@ -171,6 +256,7 @@ mod tests {
                 max_bytes,
                 interval,
             },
+            via_buffer: false,
         }
     }
 
