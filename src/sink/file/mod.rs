@@ -2,8 +2,14 @@
 //!
 //! Rotation renames the current file to `NAME-YYYYMMDDTHHMMSSZ.EXT` (with `-N` added if that exists)
 //! and starts a new one. It happens only between records, so a line is never split across files; a
-//! single record larger than `max_bytes` gets a file of its own. Age is checked when a batch
-//! arrives, so a quiet file may stay open past its interval until the next record.
+//! single record larger than `max_bytes` gets a file of its own. Age is checked when records
+//! arrive, so a quiet file may stay open past its interval until the next record.
+//!
+//! The file is written in one of two ways. With `delivery.buffer: disk` it is its own buffer
+//! ([`LogSink::local_log`]): requests append their lines through `delivery::direct`, and an fsync
+//! thread there calls [`LocalLog::sync`]. Otherwise (`buffer: memory`, or `via_buffer: true`) the
+//! sink's lane hands it batches ([`LogSink::write_batch`]), each appended and fsynced before the
+//! lane moves on. A file rotated away is fsynced by the next sync in either case.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -12,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use log::warn;
 
 mod config;
 
@@ -57,7 +64,8 @@ impl FileSink {
             }
             None => PathBuf::from("."),
         };
-        let current = open_current(&cfg.path)?;
+        let mut current = open_current(&cfg.path)?;
+        end_torn_line(&mut current, &cfg.path)?;
         let log = FileLog {
             path: cfg.path.clone(),
             dir,
@@ -171,13 +179,37 @@ impl LocalLog for FileLog {
 }
 
 fn open_current(path: &Path) -> std::io::Result<Current> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
     let written = file.metadata()?.len();
     Ok(Current {
         file,
         written,
         opened: Instant::now(),
     })
+}
+
+/// Ends the file's last line when it has no `\n` (a crash in mid-write, or a power loss inside
+/// the fsync interval): the torn line stays as it was, and the next line starts on its own
+/// instead of being glued to it.
+fn end_torn_line(current: &mut Current, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if current.written == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    current.file.read_exact_at(&mut last, current.written - 1)?;
+    if last[0] != b'\n' {
+        warn!(
+            "{} ends in a torn line (a crash in mid-write?); ending it, so that the next record starts a line of its own",
+            path.display()
+        );
+        FileLog::write(current, b"\n")?;
+    }
+    Ok(())
 }
 
 /// `events.jsonl` -> `events-20261127T150405Z.jsonl`, or `...Z-1.jsonl` when that exists.
@@ -300,6 +332,27 @@ mod tests {
         for entry in std::fs::read_dir(dir.path().join("out")).unwrap() {
             assert!(entry.unwrap().metadata().unwrap().len() <= 200);
         }
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_ended_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"a\":1}\n{\"tor").unwrap();
+        let sink = FileSink::open(&config(path.clone(), ByteSize::mib(1), None)).unwrap();
+        write(&sink, &[record(1)]).await.unwrap();
+        let mut one = Vec::new();
+        record(1).to_json_line(&mut one);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            format!("{{\"a\":1}}\n{{\"tor\n{}", String::from_utf8(one).unwrap())
+        );
+        // A file that ends well is left as it is.
+        drop(sink);
+        let sink = FileSink::open(&config(path.clone(), ByteSize::mib(1), None)).unwrap();
+        drop(sink);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
 
     #[tokio::test]
