@@ -21,14 +21,13 @@ use prometheus::IntCounter;
 use tokio::sync::watch;
 
 use super::disk::writer::{LOG_INTERVAL, WRITEBACK_STEP};
+use super::group::{lead_or_wait, space_is_back, Outcome};
 use super::status::SinkState;
 use super::{DeliveryError, FsyncPolicy};
 use crate::metrics;
 use crate::record::RecordRef;
 use crate::sink::LocalLog;
 use crate::sync::lock;
-
-type Outcome = Option<Result<(), Arc<str>>>;
 
 /// The largest group buffer kept for the next group.
 const MAX_SPARE: usize = 1 << 20;
@@ -54,8 +53,6 @@ struct Pending {
     /// Failed appends since the last log line about them, and when that line was.
     logged: Option<Instant>,
     suppressed: u64,
-    /// When [`DirectLog::writable`] last probed for space.
-    probed: Option<Instant>,
 }
 
 /// One sink's records, appended straight to its [`LocalLog`] (see [`crate::sink::LogSink::local_log`]).
@@ -72,6 +69,9 @@ pub struct DirectLog {
     writing: Mutex<()>,
     /// The last append failed: not ready until one succeeds (or the probe finds space).
     failing: AtomicBool,
+    /// When [`DirectLog::writable`] last probed for space (its own lock: the probe writes a
+    /// file, and appends must not wait for it).
+    probed: Mutex<Option<Instant>>,
     sync_wake: Condvar,
     sync_thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -102,8 +102,8 @@ impl DirectLog {
                 unflushed: false,
                 logged: None,
                 suppressed: 0,
-                probed: None,
             }),
+            probed: Mutex::new(None),
             writing: Mutex::new(()),
             failing: AtomicBool::new(false),
             sync_wake: Condvar::new(),
@@ -139,18 +139,10 @@ impl DirectLog {
             }
             joined
         });
-        let (mut done, lead) = joined?;
-        if lead {
-            // Should this request be cancelled before it wrote its group, the guard writes it.
-            let guard = LeadGuard(self);
-            tokio::task::yield_now().await;
-            self.commit().await;
-            std::mem::forget(guard);
-        }
-        let result = match done.wait_for(Option::is_some).await {
-            Ok(r) => r.clone().unwrap_or(Ok(())),
-            Err(_) => Err(Arc::from("the sink was closed")),
-        };
+        let (done, lead) = joined?;
+        // Should the leader be cancelled before it wrote its group, the guard writes it.
+        let lead = lead.then(|| (LeadGuard(self), self.commit()));
+        let result = lead_or_wait(done, lead, "the sink was closed").await;
         result.map_err(|_| {
             metrics::BUFFER_WRITE_ERRORS
                 .with_label_values(&[&self.name])
@@ -264,19 +256,8 @@ impl DirectLog {
         if !self.failing.load(Ordering::Relaxed) {
             return true;
         }
-        {
-            let mut pending = lock(&self.pending);
-            if pending
-                .probed
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-            {
-                return false;
-            }
-            pending.probed = Some(Instant::now());
-        }
         let probe = self.log.dir().join(format!(".{}.space.probe", self.name));
-        let ok = std::fs::write(&probe, [0u8; 64 << 10]).is_ok();
-        let _ = std::fs::remove_file(&probe);
+        let ok = space_is_back(&mut lock(&self.probed), &probe);
         if ok {
             self.failing.store(false, Ordering::Relaxed);
         }

@@ -25,6 +25,7 @@
 pub mod config;
 pub mod direct;
 pub mod disk;
+mod group;
 mod lane;
 pub mod memory;
 pub mod receiver;

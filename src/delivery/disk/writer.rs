@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use super::frame::{encode_frame, HEADER, MAX_FRAME_PAYLOAD};
 use super::{create_segment, now_ms, segment_path, DiskLog, Position};
+use crate::delivery::group::{lead_or_wait, space_is_back, Outcome};
 use crate::delivery::{DeliveryError, FsyncPolicy};
 use crate::metrics;
 use crate::record::RecordRef;
@@ -34,9 +35,9 @@ pub const WRITEBACK_STEP: Duration = Duration::from_millis(10);
 /// At most one log line per this interval about failing appends.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-type Done = watch::Sender<Option<Result<(), Arc<str>>>>;
+type Done = watch::Sender<Outcome>;
 /// A request's wait for its group's write.
-type Waiting = watch::Receiver<Option<Result<(), Arc<str>>>>;
+type Waiting = watch::Receiver<Outcome>;
 
 /// Frames waiting to be written, and everyone waiting for them.
 pub(super) struct Group {
@@ -116,19 +117,10 @@ impl DiskLog {
             }
             joined
         });
-        let (mut done, lead) = joined?;
-        if lead {
-            // Should this request be cancelled before it wrote its group, the guard writes it.
-            let guard = LeadGuard(self);
-            tokio::task::yield_now().await;
-            self.commit().await;
-            std::mem::forget(guard);
-        }
-        let result = match done.wait_for(Option::is_some).await {
-            Ok(r) => r.clone().unwrap_or(Ok(())),
-            Err(_) => Err(Arc::from("the buffer was closed")),
-        };
-        match result {
+        let (done, lead) = joined?;
+        // Should the leader be cancelled before it wrote its group, the guard writes it.
+        let lead = lead.then(|| (LeadGuard(self), self.commit()));
+        match lead_or_wait(done, lead, "the buffer was closed").await {
             Ok(()) => {
                 self.add_records(n);
                 self.accepted.inc_by(n);
@@ -150,17 +142,10 @@ impl DiskLog {
         if !self.failing.load(Ordering::Relaxed) {
             return true;
         }
-        let mut errors = lock(&self.errors);
-        if errors
-            .probed
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return false;
-        }
-        errors.probed = Some(Instant::now());
-        let probe = self.dir.join("space.probe");
-        let ok = std::fs::write(&probe, [0u8; 64 << 10]).is_ok();
-        let _ = std::fs::remove_file(&probe);
+        let ok = space_is_back(
+            &mut lock(&self.errors).probed,
+            &self.dir.join("space.probe"),
+        );
         if ok {
             self.failing.store(false, Ordering::Relaxed);
         }
