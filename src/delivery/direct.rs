@@ -286,10 +286,11 @@ impl DirectLog {
         loop {
             let (closing, dirty, unflushed) = {
                 let pending = lock(&self.pending);
+                let until_sync = next_sync.saturating_duration_since(Instant::now());
                 let wait = if pending.unflushed {
-                    WRITEBACK_STEP
+                    until_sync.min(WRITEBACK_STEP)
                 } else {
-                    next_sync.saturating_duration_since(Instant::now())
+                    until_sync
                 };
                 let (mut pending, _) = self
                     .sync_wake

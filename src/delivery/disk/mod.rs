@@ -270,7 +270,8 @@ impl DiskLog {
 /// Whether the buffer of sink `sink` under `dir` holds records its sink has yet to get:
 /// undelivered bytes from an earlier run, or a buffer another process has open (the old one,
 /// during an upgrade). Runs at start-up, to decide whether a sink that is its own buffer can be
-/// appended to directly; a buffer that was never used says `false`, and nothing is created.
+/// appended to directly; a buffer that was never used says `false`, and nothing is created. As at
+/// any start, the segments before the checkpoint (delivered) are deleted.
 pub fn holds_records(dir: &Path, sink: &str) -> std::io::Result<bool> {
     let dir = dir.join(sink);
     let lock_file = match OpenOptions::new().write(true).open(dir.join("lock")) {

@@ -152,9 +152,14 @@ impl LocalLog for FileLog {
     }
 
     fn sync(&self) -> std::io::Result<()> {
-        let retired = std::mem::take(&mut *lock(&self.retired));
-        for file in &retired {
-            file.sync_data()?;
+        let mut retired = std::mem::take(&mut *lock(&self.retired));
+        while let Some(file) = retired.last() {
+            if let Err(e) = file.sync_data() {
+                // Kept for the next sync, which tries them again.
+                lock(&self.retired).append(&mut retired);
+                return Err(e);
+            }
+            retired.pop();
         }
         let file = lock(&self.current).file.try_clone()?;
         file.sync_data()
